@@ -1,0 +1,174 @@
+"""One upstream attempt, non-streaming or streaming, turned into an :class:`AttemptResult`.
+
+This is where an HTTP answer meets the failure table: status → verdict, unreadable body → verdict,
+and the first SSE event of a stream is read so a provider that fails before its first byte can
+still be failed over (SPEC §5.2).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+
+from . import failures
+from .config import Provider
+from .errors import ArbstrError
+from .failures import Verdict
+from .retry import AttemptResult
+from .sse import EventSplitter, event_data, parse_json
+from .upstream import Upstream, UpstreamError, finish, read_body, read_chunks
+
+ERROR_BODY_LIMIT = 64 * 1024
+STREAM_ERROR = Verdict("stream_error", retry_same=False, fallback=True, breaker=failures.FAILURE)
+
+
+@dataclass
+class OpenStream:
+    """A 2xx stream whose first data event has been read (and is held in ``first``)."""
+
+    response: requests.Response
+    chunks: Iterator[bytes]
+    splitter: EventSplitter
+    first: list[bytes]
+
+
+class Caller:
+    """Binds the request's fixed parts (body, id, timeouts, secret scrubbing) for the retry loop."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        body: bytes,
+        request_id: str,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        max_response_bytes: int,
+        max_retry_after: float,
+        scrub: Callable[[str], str],
+    ) -> None:
+        self.upstream = upstream
+        self.body = body
+        self.request_id = request_id
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.max_response_bytes = max_response_bytes
+        self.max_retry_after = max_retry_after
+        self.scrub = scrub
+
+    def _post(self, provider: Provider, left: float | None, stream: bool) -> requests.Response:
+        connect, read = self.connect_timeout, self.read_timeout
+        if left is not None:
+            connect, read = min(connect, left), min(read, left)
+        return self.upstream.post(
+            provider, self.body, self.request_id, stream=stream, connect_timeout=connect, read_timeout=read
+        )
+
+    def json(self, provider: Provider, left: float | None) -> AttemptResult:
+        """A non-streaming attempt; on success ``payload`` is ``(status, body bytes, parsed body)``."""
+        try:
+            resp = self._post(provider, left, stream=False)
+        except UpstreamError as e:
+            return _transport_failure(e)
+        try:
+            if not 200 <= resp.status_code < 300:
+                return self._http_failure(resp)
+            body = read_body(resp, self.max_response_bytes)
+            finish(resp)
+        except UpstreamError as e:
+            resp.close()
+            return _transport_failure(e)
+        parsed = _json_object(body)
+        if parsed is None:
+            return AttemptResult(failures.BAD_BODY, resp.status_code, "answer is not a JSON object")
+        return AttemptResult(failures.OK, resp.status_code, payload=(resp.status_code, body, parsed))
+
+    def stream(self, provider: Provider, left: float | None) -> AttemptResult:
+        """A streaming attempt, read up to its first data event; ``payload`` is an :class:`OpenStream`."""
+        try:
+            resp = self._post(provider, left, stream=True)
+        except UpstreamError as e:
+            return _transport_failure(e)
+        if not 200 <= resp.status_code < 300:
+            return self._http_failure(resp)
+        chunks = read_chunks(resp)
+        splitter = EventSplitter()
+        held: list[bytes] = []
+        try:
+            for chunk in chunks:
+                for event in splitter.feed(chunk):
+                    held.append(event)
+                    data = event_data(event)
+                    if data is None:
+                        continue  # a comment (keep-alive): hold it and wait for real data
+                    err = parse_json(data) if b'"error"' in data else None
+                    if err is not None and "error" in err and "choices" not in err:
+                        resp.close()
+                        return AttemptResult(STREAM_ERROR, resp.status_code, self._message(err, data))
+                    opened = OpenStream(resp, chunks, splitter, held)
+                    return AttemptResult(failures.OK, resp.status_code, payload=opened, close=resp.close)
+        except UpstreamError as e:
+            resp.close()
+            return _transport_failure(e)
+        resp.close()
+        rest = splitter.pending()
+        err = parse_json(rest)
+        if err is not None and "error" in err:
+            return AttemptResult(STREAM_ERROR, resp.status_code, self._message(err, rest))
+        return AttemptResult(failures.BAD_BODY, resp.status_code, "stream ended before its first event")
+
+    def _http_failure(self, resp: requests.Response) -> AttemptResult:
+        """A non-2xx answer: classify it, and for the request's own faults shape the client's error."""
+        retry_after = failures.parse_retry_after(resp.headers.get("Retry-After"))
+        try:
+            raw = read_body(resp, ERROR_BODY_LIMIT)
+            finish(resp)
+        except UpstreamError:
+            resp.close()
+            raw = b""
+        parsed = _json_object(raw)
+        message = self._message(parsed, raw)
+        verdict = failures.classify_status(resp.status_code, retry_after, self.max_retry_after)
+        payload = None
+        if verdict is failures.CLIENT_FAULT:
+            err = parsed.get("error") if parsed else None
+            err = err if isinstance(err, dict) else {}
+            payload = ArbstrError(
+                resp.status_code,
+                message,
+                type=_str(err.get("type")) or "invalid_request_error",
+                code=_str(err.get("code")) or "upstream_rejected_request",
+                param=_str(err.get("param")),
+            )
+        return AttemptResult(verdict, resp.status_code, message, retry_after, payload)
+
+    def _message(self, parsed: dict[str, Any] | None, raw: bytes) -> str:
+        """The upstream's error message, with every configured secret scrubbed out of it."""
+        err = parsed.get("error") if parsed else None
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            text = err["message"]
+        elif isinstance(err, str):
+            text = err
+        else:
+            text = raw[:500].decode("utf-8", "replace").strip()
+        return self.scrub(text)[:1000]
+
+
+def _transport_failure(e: UpstreamError) -> AttemptResult:
+    return AttemptResult(failures.SENT_FAILED if e.sent else failures.CONNECT_FAILED, None, str(e))
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None

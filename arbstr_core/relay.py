@@ -1,0 +1,129 @@
+"""The streaming relay (SPEC §6): events out as they come in, accounted, never silently truncated.
+
+The generator owns the upstream response for the rest of the stream. Whatever ends it (``[DONE]``,
+an upstream break or silence, EOF, the client leaving), the upstream response is closed in
+``finally`` (so the provider stops generating) and ``on_end`` receives the summary exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from . import sse
+from .attempt import OpenStream
+from .upstream import UpstreamError
+
+COMPLETE, INTERRUPTED, CLIENT_DISCONNECTED = "complete", "interrupted", "client_disconnected"
+
+
+@dataclass
+class StreamSummary:
+    status: str = INTERRUPTED
+    usage: dict[str, Any] | None = None
+    ttft_ms: int | None = None
+    duration_ms: int | None = None
+    error: str | None = None
+
+
+@dataclass
+class StreamContext:
+    request_id: str
+    provider: str
+    started: float  # time.perf_counter() at request receipt
+    client_wants_usage: bool
+    cost: Callable[[dict[str, Any] | None], float | None]
+    on_end: Callable[[StreamSummary], None]
+    scrub: Callable[[str], str]
+    client_gone: Callable[[], bool] = lambda: False
+
+
+def _ms(ctx: StreamContext) -> int:
+    return int((time.perf_counter() - ctx.started) * 1000)
+
+
+def relay(ctx: StreamContext, opened: OpenStream) -> Iterator[bytes]:
+    summary = StreamSummary()
+    try:
+        yield from _events(ctx, opened, summary)
+        if summary.status == INTERRUPTED:
+            yield sse.error_event(
+                f"The upstream stream from {ctx.provider} was interrupted: {summary.error}", "stream_interrupted"
+            ) + sse.DONE_EVENT
+    except GeneratorExit:
+        summary.status = CLIENT_DISCONNECTED
+        raise
+    finally:
+        opened.response.close()
+        summary.duration_ms = _ms(ctx)
+        ctx.on_end(summary)
+
+
+def _events(ctx: StreamContext, opened: OpenStream, summary: StreamSummary) -> Iterator[bytes]:
+    """Relay events until [DONE]; on a break, leave ``summary.status`` INTERRUPTED with a reason."""
+    pending = opened.first
+    chunks = opened.chunks
+    try:
+        while True:
+            for event in pending:
+                out = _handle(ctx, event, summary)
+                if out:
+                    if ctx.client_gone():
+                        summary.status = CLIENT_DISCONNECTED
+                        return
+                    yield out
+                if summary.status == COMPLETE:
+                    return
+            chunk = next(chunks, None)
+            if chunk is None:
+                summary.error = "the provider ended the stream without [DONE]"
+                return
+            pending = opened.splitter.feed(chunk)
+    except UpstreamError as e:
+        summary.error = "provider went silent" if e.timeout else f"connection to the provider broke ({e})"
+
+
+def _handle(ctx: StreamContext, event: bytes, summary: StreamSummary) -> bytes:
+    """The bytes to send for one upstream event (possibly none, possibly rewritten)."""
+    data = sse.event_data(event)
+    if data is None:
+        return event  # comments and keep-alives pass through
+    if data == sse.DONE:
+        summary.status = COMPLETE if summary.error is None else INTERRUPTED
+        trailer = {
+            "cost_sats": ctx.cost(summary.usage),
+            "latency_ms": _ms(ctx),
+            "provider": ctx.provider,
+            "request_id": ctx.request_id,
+        }
+        return sse.comment("arbstr " + json.dumps(trailer, separators=(", ", ": "))) + event
+    wants_ttft = summary.ttft_ms is None
+    if not (wants_ttft or b'"usage"' in data or b'"error"' in data):
+        return event
+    chunk = sse.parse_json(data)
+    if chunk is None:
+        return event
+    if wants_ttft and sse.has_content(chunk):
+        summary.ttft_ms = _ms(ctx)
+    if "error" in chunk and "choices" not in chunk:
+        # Relayed so the client's SDK raises, but scrubbed: providers echo keys in error messages.
+        err = chunk["error"]
+        summary.error = ctx.scrub(str(err.get("message") if isinstance(err, dict) else err))[:300]
+        return ctx.scrub(event.decode("utf-8", "replace")).encode("utf-8")
+    usage = chunk.get("usage")
+    if isinstance(usage, dict):
+        summary.usage = usage
+        if sse.is_usage_only(chunk):
+            if not ctx.client_wants_usage:
+                return b""
+            chunk["arbstr"] = {
+                "cost_sats": ctx.cost(usage),
+                "latency_ms": _ms(ctx),
+                "provider": ctx.provider,
+                "request_id": ctx.request_id,
+            }
+            return sse.data_event(chunk)
+    return event

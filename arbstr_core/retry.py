@@ -1,0 +1,164 @@
+"""Retry, fallback and the one deadline around them (SPEC §5.2).
+
+The loop is I/O-free: it is handed an ``attempt`` function that performs one upstream call and
+returns an :class:`AttemptResult`, so every path (backoff, Retry-After, fallback, open circuits,
+cancellation) is testable without a socket. The caller runs it under a ``concurrent.futures``
+deadline; on expiry it sets ``cancel`` and the loop stops at its next checkpoint.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .breaker import BreakerRegistry, Permit
+from .config import Provider, RetryConfig
+from .errors import ArbstrError
+from .failures import CLIENT_FAULT, OK, Verdict
+
+MAX_CLIENT_RETRY_AFTER = 60
+
+
+@dataclass
+class AttemptResult:
+    """One upstream call's outcome. ``payload`` is what the attempt function hands back: on success a
+    parsed body or an open stream, on a client fault the ArbstrError to return. ``close`` releases
+    whatever is still open if nobody will use it."""
+
+    verdict: Verdict
+    status: int | None = None
+    message: str = ""
+    retry_after: float | None = None
+    payload: Any = None
+    close: Callable[[], None] = lambda: None
+
+
+@dataclass
+class Attempts:
+    """Failed attempts per provider, in order: the ``x-arbstr-retries`` header and the log column."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, provider: str) -> None:
+        self.counts[provider] = self.counts.get(provider, 0) + 1
+
+    def header(self) -> str | None:
+        return ", ".join(f"{n}/{p}" for p, n in self.counts.items()) or None
+
+
+@dataclass
+class Outcome:
+    """What the chain produced: a success (provider, permit, result) or an error to answer with."""
+
+    attempts: Attempts
+    provider: Provider | None = None
+    permit: Permit | None = None
+    result: AttemptResult | None = None
+    error: ArbstrError | None = None
+
+
+class Abandoned(Exception):
+    """The request stopped waiting (deadline or client gone); nothing more may be recorded."""
+
+
+AttemptFn = Callable[[Provider, float | None], AttemptResult]
+
+
+def backoff_secs(base_ms: float, retry_index: int, rand: Callable[[], float] = random.random) -> float:
+    """base · 2^n with ±25 % jitter, so clients that failed together do not retry together."""
+    return base_ms / 1000 * (2**retry_index) * (0.75 + 0.5 * rand())
+
+
+def run_chain(
+    candidates: Sequence[Provider],
+    attempt: AttemptFn,
+    *,
+    retry: RetryConfig,
+    breakers: BreakerRegistry,
+    cancel: threading.Event,
+    deadline: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    rand: Callable[[], float] = random.random,
+) -> Outcome:
+    """Try candidates in order: the first up to 1 + max_retries times, later ones once each.
+
+    ``attempt(provider, time_left)`` is called with the seconds left before ``deadline`` (or None).
+    Raises :class:`Abandoned` when ``cancel`` is set; the permit in hand is released unrecorded.
+    """
+    attempts = Attempts()
+    last: tuple[Provider, AttemptResult] | None = None
+    all_rate_limited = True
+    retry_afters: list[float] = []
+    reached_any = False
+    for index, provider in enumerate(candidates):
+        if index > 0 and not retry.fallback:
+            break
+        tries = 1 + retry.max_retries if index == 0 else 1
+        for n in range(tries):
+            if cancel.is_set():
+                raise Abandoned
+            left = None if deadline is None else deadline - clock()
+            if left is not None and left <= 0:
+                return Outcome(attempts, error=deadline_error())
+            permit = breakers.acquire(provider.name)
+            if permit is None:
+                break  # circuit opened (or its probe is taken) since the candidates were chosen
+            try:
+                result = attempt(provider, left)
+            except BaseException:
+                breakers.release(permit)
+                raise
+            if cancel.is_set():
+                breakers.release(permit)
+                result.close()
+                raise Abandoned
+            reached_any = True
+            if result.verdict is OK:
+                return Outcome(attempts, provider=provider, permit=permit, result=result)
+            breakers.record(permit, result.verdict.breaker, f"{result.verdict.kind}: {result.message}"[:300])
+            attempts.add(provider.name)
+            last = (provider, result)
+            if result.verdict.kind == "rate_limited":
+                retry_afters.append(result.retry_after if result.retry_after is not None else 1)
+            else:
+                all_rate_limited = False
+            if result.verdict is CLIENT_FAULT:
+                # The request's own fault: the attempt function shaped the upstream error for the client.
+                return Outcome(attempts, provider=provider, error=result.payload)
+            if not result.verdict.retry_same or n == tries - 1:
+                break
+            delay = result.retry_after if result.retry_after is not None else backoff_secs(
+                retry.backoff_base_ms, n, rand
+            )
+            if deadline is not None:
+                delay = min(delay, max(deadline - clock(), 0))
+            if cancel.wait(delay):
+                raise Abandoned
+    if not reached_any:
+        return Outcome(attempts, error=ArbstrError(
+            503, "Every candidate provider has an open circuit; try again shortly",
+            type="upstream_error", code="all_circuits_open", headers={"Retry-After": "1"},
+        ))
+    assert last is not None
+    provider, result = last
+    if all_rate_limited:
+        wait = min(max(1, round(min(retry_afters))), MAX_CLIENT_RETRY_AFTER)
+        return Outcome(attempts, provider=provider, error=ArbstrError(
+            429, "Every candidate provider is rate limiting; retry later",
+            type="rate_limit_error", code="upstream_rate_limited", headers={"Retry-After": str(wait)},
+        ))
+    tried = ", ".join(attempts.counts)
+    return Outcome(attempts, provider=provider, error=ArbstrError(
+        502, f"All providers failed ({tried}); last error from {provider.name}: "
+        f"{result.verdict.kind}{f' HTTP {result.status}' if result.status else ''} {result.message}".rstrip(),
+        type="upstream_error", code="upstream_failed",
+    ))
+
+
+def deadline_error() -> ArbstrError:
+    return ArbstrError(504, "The request deadline was exceeded before a provider answered",
+                       type="upstream_error", code="deadline_exceeded")

@@ -1,0 +1,118 @@
+"""Provider keys and the auth token: bearer money that must never be printed.
+
+A key lives in a :class:`Secret`, whose every textual form is ``[REDACTED]``. Outside this class
+the raw value is read only by :meth:`Secret.reveal`, called in exactly one place: where the upstream
+Authorization header is built (``upstream.py``). Comparison and scrubbing are methods, so they never
+hand the value out.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+REDACTED = "[REDACTED]"
+
+# Key sources as reported by startup logs, `arbstr check` and /providers.
+SOURCE_LITERAL = "config-literal"
+SOURCE_EXPANDED = "env-expanded"
+SOURCE_NONE = "none"
+
+
+class Secret:
+    """A string that refuses to be printed, logged, formatted or serialised."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def matches(self, candidate: str) -> bool:
+        """Constant-time comparison, so response timing reveals nothing about the token."""
+        return hmac.compare_digest(candidate.encode("utf-8"), self._value.encode("utf-8"))
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every occurrence of this secret replaced by [REDACTED]."""
+        return text.replace(self._value, REDACTED) if self._value and self._value in text else text
+
+    def masked(self) -> str:
+        """`cashuAbcdef…` → `cashuA...***`; short keys reveal nothing."""
+        return f"{self._value[:6]}...***" if len(self._value) >= 10 else REDACTED
+
+    def __repr__(self) -> str:
+        return REDACTED
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return REDACTED
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __reduce__(self) -> tuple:
+        raise TypeError("a Secret cannot be pickled")
+
+
+_VAR = re.compile(r"\$\{([^{}]*)\}")
+
+
+def expand(value: str, env: Mapping[str, str], where: str) -> tuple[str, bool]:
+    """Expand ``${VAR}`` references once; return the value and whether anything was expanded.
+
+    ``where`` names the key and the provider for error messages. No defaults, no nesting and no
+    re-expansion: a value that came from the environment is used as it is.
+    """
+    out: list[str] = []
+    pos = 0
+    expanded = False
+    for m in _VAR.finditer(value):
+        name = m.group(1)
+        if not name:
+            raise ConfigError(f"{where}: empty variable reference '${{}}'; write ${{NAME}}")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ConfigError(f"{where}: '${{{name}}}' is not a valid variable name")
+        if name not in env:
+            raise ConfigError(f"{where}: environment variable {name} is not set; export it or remove the reference")
+        out.append(value[pos : m.start()])
+        out.append(env[name])
+        pos = m.end()
+        expanded = True
+    rest = value[pos:]
+    if "${" in rest:
+        raise ConfigError(f"{where}: '${{' without a closing '}}'; write ${{NAME}}")
+    out.append(rest)
+    return "".join(out), expanded
+
+
+def convention_var(provider_name: str) -> str:
+    """`provider-beta` → `ARBSTR_PROVIDER_BETA_API_KEY`."""
+    return "ARBSTR_" + re.sub(r"[- ]", "_", provider_name.upper()) + "_API_KEY"
+
+
+@dataclass(frozen=True)
+class ResolvedKey:
+    secret: Secret | None
+    source: str
+
+
+def resolve_key(provider_name: str, configured: str | None, env: Mapping[str, str], where: str) -> ResolvedKey:
+    """Apply SPEC §1.1's order: the file (with expansion), else the convention variable, else none."""
+    if configured is not None:
+        value, expanded = expand(configured, env, where)
+        if value:
+            return ResolvedKey(Secret(value), SOURCE_EXPANDED if expanded else SOURCE_LITERAL)
+    var = convention_var(provider_name)
+    if env.get(var):
+        return ResolvedKey(Secret(env[var]), f"convention ({var})")
+    return ResolvedKey(None, SOURCE_NONE)

@@ -1,0 +1,51 @@
+"""Running arbstr under gunicorn with gthread workers, embedded (`arbstr serve`) or via gunicorn.conf.py.
+
+gthread because the sync worker kills any request longer than ``timeout``, streams included; each
+stream holds one thread for its life. ``max_requests = 0`` and a long ``graceful_timeout`` because
+both would otherwise cut streams in flight.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from .config import Config
+
+DEFAULT_THREADS = 16
+GRACEFUL_TIMEOUT = 130  # above stream_idle_timeout_secs' default; systemd's TimeoutStopSec is above this
+
+
+def settings(config: Config, workers: int = 1, threads: int = DEFAULT_THREADS) -> dict[str, Any]:
+    return {
+        "bind": [config.server.listen],
+        "worker_class": "gthread",
+        "workers": workers,
+        "threads": threads,
+        "graceful_timeout": GRACEFUL_TIMEOUT,
+        "timeout": 60,
+        "keepalive": 5,
+        "max_requests": 0,
+        "preload_app": False,
+        "accesslog": None,
+        "errorlog": "-",
+    }
+
+
+class EmbeddedServer(BaseApplication):
+    """gunicorn with our settings; each worker builds its own app after the fork."""
+
+    def __init__(self, config: Config, options: dict[str, Any]) -> None:
+        self.config = config
+        self.options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        from .web import create_app
+
+        return create_app(self.config)

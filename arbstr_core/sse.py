@@ -1,0 +1,100 @@
+"""Server-sent events at the byte level (SPEC §6). Pure: bytes in, bytes out.
+
+Events are split where a blank line ends them, whatever mix of CR, LF and CRLF the provider uses
+and wherever TCP cut the bytes. Nothing is decoded or re-encoded, so a multi-byte UTF-8 character
+split across reads is relayed exactly as it came, and an event is released the moment its blank
+line arrives.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+DONE = b"[DONE]"
+
+# Two line terminators in a row end an event. CRLF is tried before CR so "\r\n\r\n" is one blank line.
+_BOUNDARY = re.compile(rb"(?:\r\n|\n|\r)(?:\r\n|\n|\r)")
+_LINE = re.compile(rb"\r\n|\n|\r")
+
+
+class EventSplitter:
+    """Accumulates bytes and hands back each complete event (with its terminator) as soon as it ends."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._skip_lf = False  # the last event ended on a bare CR; an LF that follows belongs to it
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self._skip_lf and data:
+            self._skip_lf = False
+            if data[:1] == b"\n":
+                data = data[1:]
+        buf = self._buf + data if self._buf else data
+        events: list[bytes] = []
+        start = 0
+        while True:
+            m = _BOUNDARY.search(buf, start)
+            if m is None:
+                break
+            events.append(buf[start : m.end()])
+            start = m.end()
+            if start == len(buf) and buf[-1:] == b"\r":
+                self._skip_lf = True
+        self._buf = buf[start:]
+        return events
+
+    def pending(self) -> bytes:
+        """Bytes of an event that has not ended yet (what is left when the upstream stops)."""
+        return self._buf
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The event's data field (data lines joined by LF), or None for comment-only events."""
+    parts: list[bytes] = []
+    for line in _LINE.split(event):
+        if line.startswith(b"data:"):
+            value = line[5:]
+            parts.append(value[1:] if value[:1] == b" " else value)
+        elif line == b"data":
+            parts.append(b"")
+    return b"\n".join(parts) if parts else None
+
+
+def parse_json(data: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def has_content(chunk: dict[str, Any]) -> bool:
+    """Whether a chunk carries generated output (content, reasoning or tool calls): the TTFT mark."""
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if isinstance(delta, dict) and (
+            delta.get("content") or delta.get("tool_calls") or delta.get("reasoning_content") or delta.get("refusal")
+        ):
+            return True
+    return False
+
+
+def is_usage_only(chunk: dict[str, Any]) -> bool:
+    return chunk.get("choices") == [] and isinstance(chunk.get("usage"), dict)
+
+
+def data_event(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n\n"
+
+
+def comment(text: str) -> bytes:
+    return b": " + text.encode("utf-8") + b"\n\n"
+
+
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+def error_event(message: str, code: str, type: str = "upstream_error") -> bytes:
+    return data_event({"error": {"message": message, "type": type, "param": None, "code": code}})
