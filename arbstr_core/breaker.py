@@ -113,6 +113,14 @@ class BreakerRegistry:
             with self._lock:
                 self._circuits[permit.provider].probing = False
 
+    def seconds_until_probe(self, names: Iterable[str]) -> float:
+        """How long until one of ``names``' open circuits lets a probe through: the honest Retry-After."""
+        with self._lock:
+            now = self._clock()
+            circuits = [self._circuits[n] for n in names if n in self._circuits]
+            waits = [c.opened_at + self._open_secs - now for c in circuits if c.opened_at is not None]
+        return max(min(waits), 0.0) if waits else 0.0
+
     def snapshot(self) -> dict[str, dict]:
         with self._lock:
             out = {}

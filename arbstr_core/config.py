@@ -22,6 +22,7 @@ STRATEGIES = ("cheapest", "lowest_latency", "round_robin")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _NUM = (int, float)
+_SECRET_KEYS = frozenset({"api_key", "auth_token"})
 # table → key → (accepted types, default). None as a default means "required" for providers.
 _TABLES: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
     "server": {
@@ -280,7 +281,9 @@ def _table(raw: Mapping[str, Any], name: str, path: str, value: Any = None, labe
         ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in types)
         if not ok:
             want = " or ".join("number" if t in (int, float) else t.__name__ for t in dict.fromkeys(types))
-            raise ConfigError(f"{path}: {label} {key} must be a {want}, got {type(v).__name__} {v!r}")
+            # A mistyped key or token is still a key: name its type, never echo its value.
+            got = type(v).__name__ if key in _SECRET_KEYS else f"{type(v).__name__} {v!r}"
+            raise ConfigError(f"{path}: {label} {key} must be a {want}, got {got}")
         out[key] = v
     return out
 

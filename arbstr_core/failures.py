@@ -6,6 +6,7 @@ sending), the same provider is never asked again, because a paid token may alrea
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 SUCCESS, FAILURE, NEUTRAL = "success", "failure", "neutral"
@@ -58,4 +59,5 @@ def parse_retry_after(value: str | None) -> float | None:
         seconds = float(value.strip())
     except ValueError:
         return None
-    return seconds if seconds >= 0 else None
+    # "inf" and "nan" parse as floats; an infinite wait is no wait we can honour (or round).
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None

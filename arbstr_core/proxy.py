@@ -33,6 +33,7 @@ from .state import AppState
 log = logging.getLogger("arbstr.request")
 
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+MAX_RETRY_AFTER = 60
 EXHAUSTED = (502, 503, 504)  # arbstr already retried and failed over: tell SDKs not to multiply it
 
 
@@ -134,9 +135,13 @@ class ChatRequest:
             headers["x-arbstr-retries"] = retries
         if error.status in EXHAUSTED:
             headers["x-should-retry"] = "false"
-        if error.status in (429, 503):
-            headers.setdefault("Retry-After", "1")
         headers.update(error.headers)
+        if error.code == "all_circuits_open":
+            serving = [p.name for p in self.state.config.providers if self.model in p.models]
+            wait = self.state.breakers.seconds_until_probe(serving)
+            headers["Retry-After"] = str(min(max(1, math.ceil(wait)), MAX_RETRY_AFTER))
+        elif error.status in (429, 503):
+            headers.setdefault("Retry-After", "1")
         latency = self.elapsed_ms()
         if not self.streaming:
             headers["x-arbstr-latency-ms"] = str(latency)

@@ -27,6 +27,7 @@ class StreamSummary:
     ttft_ms: int | None = None
     duration_ms: int | None = None
     error: str | None = None
+    saw_done: bool = False
 
 
 @dataclass
@@ -49,7 +50,8 @@ def relay(ctx: StreamContext, opened: OpenStream) -> Iterator[bytes]:
     summary = StreamSummary()
     try:
         yield from _events(ctx, opened, summary)
-        if summary.status == INTERRUPTED:
+        if summary.status == INTERRUPTED and not summary.saw_done:
+            # After [DONE] the client reads nothing more; an upstream error event before it was relayed.
             yield sse.error_event(
                 f"The upstream stream from {ctx.provider} was interrupted: {summary.error}", "stream_interrupted"
             ) + sse.DONE_EVENT
@@ -75,7 +77,7 @@ def _events(ctx: StreamContext, opened: OpenStream, summary: StreamSummary) -> I
                         summary.status = CLIENT_DISCONNECTED
                         return
                     yield out
-                if summary.status == COMPLETE:
+                if summary.saw_done:
                     return
             chunk = next(chunks, None)
             if chunk is None:
@@ -92,6 +94,7 @@ def _handle(ctx: StreamContext, event: bytes, summary: StreamSummary) -> bytes:
     if data is None:
         return event  # comments and keep-alives pass through
     if data == sse.DONE:
+        summary.saw_done = True
         summary.status = COMPLETE if summary.error is None else INTERRUPTED
         trailer = {
             "cost_sats": ctx.cost(summary.usage),

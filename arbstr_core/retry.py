@@ -8,6 +8,7 @@ deadline; on expiry it sets ``cancel`` and the loop stops at its next checkpoint
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -131,6 +132,8 @@ def run_chain(
                 return Outcome(attempts, provider=provider, error=result.payload)
             if not result.verdict.retry_same or n == tries - 1:
                 break
+            if result.retry_after is not None and result.retry_after > retry.max_retry_after_secs:
+                break  # a 5xx asking for a longer pause than we may wait: fall back, as for 429 (§5.1)
             delay = result.retry_after if result.retry_after is not None else backoff_secs(
                 retry.backoff_base_ms, n, rand
             )
@@ -146,7 +149,7 @@ def run_chain(
     assert last is not None
     provider, result = last
     if all_rate_limited:
-        wait = min(max(1, round(min(retry_afters))), MAX_CLIENT_RETRY_AFTER)
+        wait = min(max(1, math.ceil(min(retry_afters))), MAX_CLIENT_RETRY_AFTER)
         return Outcome(attempts, provider=provider, error=ArbstrError(
             429, "Every candidate provider is rate limiting; retry later",
             type="rate_limit_error", code="upstream_rate_limited", headers={"Retry-After": str(wait)},

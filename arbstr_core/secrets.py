@@ -42,6 +42,9 @@ class Secret:
         """``text`` with every occurrence of this secret replaced by [REDACTED]."""
         return text.replace(self._value, REDACTED) if self._value and self._value in text else text
 
+    def __len__(self) -> int:
+        return len(self._value)
+
     def masked(self) -> str:
         """`cashuAbcdef…` → `cashuA...***`; short keys reveal nothing."""
         return f"{self._value[:6]}...***" if len(self._value) >= 10 else REDACTED
@@ -53,6 +56,17 @@ class Secret:
 
     def __format__(self, spec: str) -> str:
         return REDACTED
+
+    def __html__(self) -> str:
+        """Flask's JSON provider (and Jinja) render objects through ``__html__``: the JSON form."""
+        return REDACTED
+
+    def __copy__(self) -> Secret:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> Secret:
+        """Immutable, so copies are itself; lets ``dataclasses.asdict`` walk a config holding keys."""
+        return self
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Secret) and other._value == self._value
@@ -77,6 +91,9 @@ def expand(value: str, env: Mapping[str, str], where: str) -> tuple[str, bool]:
     pos = 0
     expanded = False
     for m in _VAR.finditer(value):
+        if "${" in value[pos : m.start()]:
+            # "${A${B}}": nesting is not supported; without this check it became "${A" + B + "}".
+            raise ConfigError(f"{where}: '${{' without a closing '}}' (nested references are not supported)")
         name = m.group(1)
         if not name:
             raise ConfigError(f"{where}: empty variable reference '${{}}'; write ${{NAME}}")

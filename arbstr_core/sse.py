@@ -14,8 +14,11 @@ from typing import Any
 
 DONE = b"[DONE]"
 
-# Two line terminators in a row end an event. CRLF is tried before CR so "\r\n\r\n" is one blank line.
-_BOUNDARY = re.compile(rb"(?:\r\n|\n|\r)(?:\r\n|\n|\r)")
+# Two line terminators in a row end an event. A CR followed by LF is one terminator (CRLF), never a
+# CR line end plus an empty LF line: without the lookahead the regex would backtrack into "\r" + "\n"
+# and end an event after every CRLF line.
+_BOUNDARY = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r)")
+_MAX_BOUNDARY = 4  # "\r\n\r\n"
 _LINE = re.compile(rb"\r\n|\n|\r")
 
 
@@ -23,7 +26,7 @@ class EventSplitter:
     """Accumulates bytes and hands back each complete event (with its terminator) as soon as it ends."""
 
     def __init__(self) -> None:
-        self._buf = b""
+        self._buf = bytearray()
         self._skip_lf = False  # the last event ended on a bare CR; an LF that follows belongs to it
 
     def feed(self, data: bytes) -> list[bytes]:
@@ -31,23 +34,26 @@ class EventSplitter:
             self._skip_lf = False
             if data[:1] == b"\n":
                 data = data[1:]
-        buf = self._buf + data if self._buf else data
+        buf = self._buf
+        # The buffered bytes held no boundary, so a new one ends in ``data``: rescanning only its last
+        # few bytes keeps a large event that trickles in small reads linear instead of quadratic.
+        start, scan = 0, max(0, len(buf) - (_MAX_BOUNDARY - 1))
+        buf += data
         events: list[bytes] = []
-        start = 0
         while True:
-            m = _BOUNDARY.search(buf, start)
+            m = _BOUNDARY.search(buf, max(start, scan))
             if m is None:
                 break
-            events.append(buf[start : m.end()])
+            events.append(bytes(buf[start : m.end()]))
             start = m.end()
             if start == len(buf) and buf[-1:] == b"\r":
                 self._skip_lf = True
-        self._buf = buf[start:]
+        del buf[:start]
         return events
 
     def pending(self) -> bytes:
         """Bytes of an event that has not ended yet (what is left when the upstream stops)."""
-        return self._buf
+        return bytes(self._buf)
 
 
 def event_data(event: bytes) -> bytes | None:

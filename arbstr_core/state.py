@@ -21,7 +21,8 @@ class Scrubber:
     """Replaces every configured secret in a text. Used on anything that echoes upstream words."""
 
     def __init__(self, secrets: Iterable[Secret]) -> None:
-        self._secrets = list(secrets)
+        # Longest first, so a key that contains another key is never left half visible.
+        self._secrets = sorted(secrets, key=len, reverse=True)
 
     def __call__(self, text: str) -> str:
         for secret in self._secrets:
