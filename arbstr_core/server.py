@@ -30,6 +30,9 @@ def settings(config: Config, workers: int = 1, threads: int = DEFAULT_THREADS) -
         "preload_app": False,
         "accesslog": None,
         "errorlog": "-",
+        # gunicorn ≥ 27 opens a control socket under $HOME by default: nothing arbstr needs, and
+        # a poor fit for systemd's DynamicUser.
+        "control_socket_disable": True,
     }
 
 
@@ -43,7 +46,8 @@ class EmbeddedServer(BaseApplication):
 
     def load_config(self) -> None:
         for key, value in self.options.items():
-            self.cfg.set(key, value)
+            if key in self.cfg.settings:  # older gunicorns lack some settings
+                self.cfg.set(key, value)
 
     def load(self) -> Any:
         from .web import create_app
