@@ -69,7 +69,7 @@ def test_body_fields_forwarded_untouched(three) -> None:
 
 
 def test_policy_by_header_and_by_keyword(three) -> None:
-    server, ups = three
+    server, _ups = three
     client = server.openai_client()
     raw = client.chat.completions.with_raw_response.create(
         model="gpt-4o", messages=MSG, extra_headers={"X-Arbstr-Policy": "premium"})

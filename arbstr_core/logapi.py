@@ -1,0 +1,43 @@
+"""HTTP read API over the request log: GET /v1/stats, /v1/requests, /v1/requests/<id> (SPEC §4.7, §4.8).
+
+Auth and error rendering are app-wide (web.py): views raise :class:`ArbstrError` and return plain dicts.
+State comes from ``current_app.extensions["arbstr"]`` (``.config``); reads go straight to the SQLite
+file through :mod:`arbstr_core.queries`, never through the writer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, current_app, request
+
+from . import queries
+from .errors import ArbstrError
+
+logapi = Blueprint("logapi", __name__)
+
+
+def _config() -> Any:
+    return current_app.extensions["arbstr"].config
+
+
+@logapi.get("/v1/stats")
+def stats() -> dict[str, Any]:
+    cfg = _config()
+    return queries.stats(cfg.database.path, request.args, cfg.providers)
+
+
+@logapi.get("/v1/requests")
+def list_requests() -> dict[str, Any]:
+    return queries.list_requests(_config().database.path, request.args)
+
+
+@logapi.get("/v1/requests/<request_id>")
+def get_request(request_id: str) -> dict[str, Any]:
+    row = queries.get_request(_config().database.path, request_id)
+    if row is None:
+        raise ArbstrError(404, f"no request with id '{request_id}' in the log", code="request_not_found",
+                          param="request_id")
+    return row
+
+bp = logapi  # alias for app.register_blueprint(bp)

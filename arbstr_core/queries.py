@@ -1,0 +1,385 @@
+"""Read side of the request log: query parameters, /v1/stats and /v1/requests (SPEC §4.7, §4.8).
+
+Each call opens its own short-lived connection (never the writer's) and reads in one transaction, so
+counts, sums and percentiles describe the same snapshot; in WAL mode that never blocks the writer.
+
+Sized for a million rows: totals come from the ``requests_hourly`` rollup that schema.sql's triggers
+keep (only the partial hours at the edges of the range are summed from ``requests``), and latency
+percentiles either sort a small matching set or walk ``idx_requests_latency`` in latency order with
+``LIMIT 1 OFFSET k`` from whichever end is nearer.
+
+Choices where SPEC is silent: time ranges are half-open, ``[since, until)``; latency averages and
+percentiles cover successful requests (an instant 400 or a 30 s timeout says nothing about speed);
+percentiles are nearest-rank; unknown costs and latencies sort last in either order; grouped rows
+with no model/provider/policy are keyed ``"(none)"``; savings compare, per model, against the
+configured provider that would have charged the most for those same requests (rows with a known cost
+only).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import quote
+
+from .aggregate import NONE_KEY, Totals, bucket_starts, group_key, percentile_ranks
+from .config import Provider
+from .errors import ArbstrError, bad_request
+from .logdb import format_utc
+
+RANGES = {
+    "last_1h": timedelta(hours=1),
+    "last_24h": timedelta(hours=24),
+    "last_7d": timedelta(days=7),
+    "last_30d": timedelta(days=30),
+}
+DEFAULT_RANGE = "last_7d"
+GROUP_BY = ("model", "provider", "policy", "hour", "day")
+SORTS = ("timestamp", "cost_sats", "latency_ms")
+ORDERS = ("asc", "desc")
+MAX_PER_PAGE = 100
+SMALL_SET = 5000  # at most this many latencies (or 1/15 of the table) are sorted instead of walking the index
+
+_ROW_COLUMNS = (
+    "request_id, timestamp, model, provider, policy, streaming, status, success, http_status, input_tokens, "
+    "output_tokens, cost_sats, latency_ms, ttft_ms, stream_duration_ms, retries, error_type, error_message"
+)
+_ROLLUP_SUMS = (
+    "SUM(total), SUM(success), SUM(streaming), SUM(ok_streaming), SUM(input_tokens), SUM(output_tokens), SUM(cost_sats), "
+    "SUM(costed), SUM(costed_input), SUM(costed_output), SUM(latency_sum), SUM(latency_n), SUM(ttft_sum), SUM(ttft_n)"
+)
+_RAW_SUMS = (
+    "COUNT(*), TOTAL(success = 1), TOTAL(streaming = 1), TOTAL(success = 1 AND streaming = 1), "
+    "TOTAL(input_tokens), TOTAL(output_tokens), "
+    "TOTAL(cost_sats), COUNT(cost_sats), TOTAL(IIF(cost_sats IS NULL, 0, input_tokens)), "
+    "TOTAL(IIF(cost_sats IS NULL, 0, output_tokens)), TOTAL(IIF(success = 1, latency_ms, 0)), "
+    "COUNT(IIF(success = 1, latency_ms, NULL)), TOTAL(IIF(success = 1, ttft_ms, 0)), "
+    "COUNT(IIF(success = 1, ttft_ms, NULL))"
+)
+# Rows in the table, estimated from the rowids in O(log n) (retention deletes the oldest rows first).
+_TABLE_ROWS = "SELECT COALESCE((SELECT MAX(id) FROM requests) - (SELECT MIN(id) FROM requests) + 1, 0)"
+# group_by → (key over requests_hourly, key over requests)
+_GROUP_SQL = {
+    None: ("''", "''"),
+    "model": ("model", "COALESCE(model, '') COLLATE NOCASE"),
+    "provider": ("provider", "COALESCE(provider, '') COLLATE NOCASE"),
+    "policy": ("policy", "COALESCE(policy, '') COLLATE NOCASE"),
+    "hour": ("hour", "substr(timestamp, 1, 13)"),
+    "day": ("substr(hour, 1, 10)", "substr(timestamp, 1, 10)"),
+}
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Validated query filters; ``where()`` turns them into SQL over ``requests``."""
+
+    since: datetime
+    until: datetime
+    model: str | None = None
+    provider: str | None = None
+    policy: str | None = None
+    success: bool | None = None
+    streaming: bool | None = None
+
+    def where(self, since: datetime | None = None, until: datetime | None = None) -> tuple[str, list[Any]]:
+        clauses = ["timestamp >= ?", "timestamp < ?"]
+        params: list[Any] = [format_utc(since or self.since), format_utc(until or self.until)]
+        for col in ("model", "provider", "policy"):
+            if getattr(self, col) is not None:
+                clauses.append(f"{col} = ?")  # the columns are COLLATE NOCASE: case-insensitive, indexed
+                params.append(getattr(self, col))
+        for col in ("success", "streaming"):
+            if getattr(self, col) is not None:
+                clauses.append(f"{col} = ?")
+                params.append(int(getattr(self, col)))
+        return " AND ".join(clauses), params
+
+
+# ---- parameters --------------------------------------------------------------------------------
+
+
+def _arg(args: Mapping[str, str], name: str) -> str | None:
+    value = args.get(name)
+    return value.strip() or None if isinstance(value, str) else None
+
+
+def _choice(args: Mapping[str, str], name: str, accepted: Sequence[str], default: str | None) -> str | None:
+    value = _arg(args, name)
+    if value is None:
+        return default
+    if value not in accepted:
+        raise bad_request(
+            f"invalid {name} '{value}': accepted values are {', '.join(accepted)}", "invalid_parameter", name
+        )
+    return value
+
+
+def _time(name: str, value: str) -> datetime:
+    # An unencoded '+' in a query string arrives as a space: "...T10:00:00 02:00".
+    value = re.sub(r"(T[\d:.]+) (\d\d:?\d\d)$", r"\1+\2", value)
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        raise bad_request(
+            f"invalid {name} '{value}': expected an ISO 8601 time such as 2026-05-01T12:00:00Z "
+            "(Z or an offset; no offset means UTC)", "invalid_parameter", name,
+        ) from None
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+def _bool(args: Mapping[str, str], name: str) -> bool | None:
+    value = _arg(args, name)
+    if value is None:
+        return None
+    if value.lower() in ("true", "1"):
+        return True
+    if value.lower() in ("false", "0"):
+        return False
+    raise bad_request(f"invalid {name} '{value}': accepted values are true, false", "invalid_parameter", name)
+
+
+def _int(args: Mapping[str, str], name: str, default: int, low: int, high: int | None) -> int:
+    value = _arg(args, name)
+    if value is None:
+        return default
+    bounds = f"an integer from {low} to {high}" if high is not None else f"an integer ≥ {low}"
+    try:
+        number = int(value)
+    except ValueError:
+        number = low - 1
+    if number < low or (high is not None and number > high):
+        raise bad_request(f"invalid {name} '{value}': expected {bounds}", "invalid_parameter", name)
+    return number
+
+
+def parse_filters(args: Mapping[str, str], now: datetime | None = None) -> Filters:
+    """``range`` (default last_7d) or ``since``/``until``, plus exact case-insensitive name filters."""
+    now = now or datetime.now(UTC)
+    range_ = _choice(args, "range", tuple(RANGES), None)
+    since, until = _arg(args, "since"), _arg(args, "until")
+    if range_ and (since or until):
+        raise bad_request("give either range or since/until, not both", "invalid_parameter", "range")
+    end = _time("until", until) if until else now
+    start = _time("since", since) if since else end - RANGES[range_ or DEFAULT_RANGE]
+    if start > end:
+        raise bad_request(f"since ({format_utc(start)}) is after until ({format_utc(end)})", "invalid_parameter", "since")
+    return Filters(start, end, _arg(args, "model"), _arg(args, "provider"), _arg(args, "policy"))
+
+
+def parse_list_args(args: Mapping[str, str], now: datetime | None = None) -> tuple[Filters, int, int, str, str]:
+    """The /v1/requests parameters: filters, page, per_page, sort, order."""
+    base = parse_filters(args, now)
+    filters = Filters(
+        base.since, base.until, base.model, base.provider, base.policy, _bool(args, "success"), _bool(args, "streaming")
+    )
+    page = _int(args, "page", 1, 1, None)
+    per_page = _int(args, "per_page", 20, 1, MAX_PER_PAGE)
+    sort = _choice(args, "sort", SORTS, "timestamp") or "timestamp"
+    order = _choice(args, "order", ORDERS, "desc") or "desc"
+    return filters, page, per_page, sort, order
+
+
+# ---- database ----------------------------------------------------------------------------------
+
+
+@contextmanager
+def _reader(db_path: str) -> Iterator[sqlite3.Connection | None]:
+    """A read connection holding one snapshot, or None while nothing is logged. Never creates the file."""
+    if not os.path.exists(db_path):
+        yield None
+        return
+    uri = "file:" + quote(os.path.abspath(db_path))
+    try:
+        try:
+            conn = sqlite3.connect(uri + "?mode=rw", uri=True, isolation_level=None, timeout=5)
+        except sqlite3.OperationalError:  # e.g. `arbstr stats` by a user who may only read the file
+            conn = sqlite3.connect(uri + "?mode=ro", uri=True, isolation_level=None, timeout=5)
+    except sqlite3.Error as e:
+        raise _unavailable(e) from None
+    try:
+        conn.execute("PRAGMA query_only = ON")
+        conn.execute("BEGIN")
+        ready = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'requests_hourly'").fetchone()
+        yield conn if ready else None  # no schema yet: the writer has not started
+    except sqlite3.Error as e:
+        raise _unavailable(e) from None
+    finally:
+        conn.close()
+
+
+def _unavailable(err: sqlite3.Error) -> ArbstrError:
+    return ArbstrError(503, f"request log unavailable: {err}", type="server_error", code="log_unavailable")
+
+
+def _hour_floor(dt: datetime) -> datetime:
+    return dt.replace(minute=0, second=0, microsecond=0)
+
+
+def _totals(conn: sqlite3.Connection, f: Filters, group_by: str | None) -> dict[str, Totals]:
+    """Sum whole hours from the rollup and the partial hours at both edges from the rows themselves."""
+    roll_key, raw_key = _GROUP_SQL[group_by]
+    first_full = _hour_floor(f.since) if f.since == _hour_floor(f.since) else _hour_floor(f.since) + timedelta(hours=1)
+    last_full = _hour_floor(f.until)
+    raw_ranges = [(f.since, f.until)]
+    out: dict[str, Totals] = {}
+    if first_full < last_full:
+        raw_ranges = [(f.since, first_full), (last_full, f.until)]
+        clauses, params = ["hour >= ?", "hour < ?"], [format_utc(first_full)[:13], format_utc(last_full)[:13]]
+        for col in ("model", "provider", "policy"):
+            if getattr(f, col) is not None:
+                clauses.append(f"{col} = ?")
+                params.append(getattr(f, col))
+        sql = (
+            f"SELECT {roll_key}, model, {_ROLLUP_SUMS} FROM requests_hourly WHERE {' AND '.join(clauses)} "
+            "GROUP BY 1, 2"
+        )
+        for row in conn.execute(sql, params):
+            _add(out, row)
+    for start, end in raw_ranges:
+        if start < end:
+            where, params = f.where(start, end)
+            sql = f"SELECT {raw_key}, COALESCE(model, '') COLLATE NOCASE, {_RAW_SUMS} FROM requests WHERE {where} GROUP BY 1, 2"
+            for row in conn.execute(sql, params):
+                _add(out, row)
+    return out
+
+
+def _add(out: dict[str, Totals], row: Sequence[Any]) -> None:
+    key = group_key(row[0])
+    out.setdefault(key.casefold(), Totals(label=key)).add(row[1], row[2:])
+
+
+def _percentiles(conn: sqlite3.Connection, where: str, params: list[Any], n: int, table_rows: int) -> list[Any]:
+    """Nearest-rank p50/p95/p99 of successful latencies matching ``where`` (``n`` of them)."""
+    if n <= 0:
+        return [None, None, None]
+    if n <= max(SMALL_SET, table_rows // 15):
+        # '+' keeps the planner on the time/name indexes that narrow the set, then sort it here.
+        sql = f"SELECT latency_ms FROM requests WHERE {where} AND +success = 1 AND +latency_ms IS NOT NULL"
+        values = sorted(r[0] for r in conn.execute(sql, params))
+        return [values[k] if values else None for k in percentile_ranks(len(values))]
+    out = []
+    for k in percentile_ranks(n):
+        ascending = k <= n - 1 - k
+        sql = (
+            f"SELECT latency_ms FROM requests INDEXED BY idx_requests_latency WHERE latency_ms IS NOT NULL "
+            f"AND success = 1 AND {where} ORDER BY latency_ms {'ASC' if ascending else 'DESC'} LIMIT 1 OFFSET ?"
+        )
+        row = conn.execute(sql, [*params, k if ascending else n - 1 - k]).fetchone()
+        out.append(row[0] if row else None)
+    return out
+
+
+def _group_where(f: Filters, group_by: str, key: str) -> tuple[str, list[Any]]:
+    if group_by in ("hour", "day"):
+        start = datetime.fromisoformat(key + (":00:00+00:00" if group_by == "hour" else "T00:00:00+00:00"))
+        end = start + (timedelta(hours=1) if group_by == "hour" else timedelta(days=1))
+        return f.where(max(start, f.since), min(end, f.until))
+    where, params = f.where()
+    if key == NONE_KEY:
+        return f"{where} AND ({group_by} IS NULL OR {group_by} = '')", params
+    return f"{where} AND {group_by} = ?", [*params, key]
+
+
+def stats(
+    db_path: str, args: Mapping[str, str], providers: Sequence[Provider], now: datetime | None = None
+) -> dict[str, Any]:
+    """The /v1/stats document (SPEC §4.7); zeros when nothing was logged yet."""
+    f = parse_filters(args, now)
+    group_by = _choice(args, "group_by", GROUP_BY, None)
+    starts = bucket_starts(f.since, f.until, group_by) if group_by in ("hour", "day") else []
+    rates = _rates(providers)
+    result: dict[str, Any] = {"since": format_utc(f.since), "until": format_utc(f.until)}
+    totals: dict[str, Totals] = {}
+    overall = Totals()
+    with _reader(db_path) as conn:
+        if conn is not None:
+            table_rows = conn.execute(_TABLE_ROWS).fetchone()[0]
+            totals = _totals(conn, f, group_by)
+            overall = Totals.merge(totals.values())
+            where, params = f.where()
+            overall.percentiles = _percentiles(conn, where, params, overall.latency_n, table_rows)
+            for t in totals.values() if group_by else ():
+                t.percentiles = _percentiles(conn, *_group_where(f, group_by, t.label), t.latency_n, table_rows)
+    result.update(overall.document(rates))
+    if group_by in ("hour", "day"):
+        result["groups"] = [
+            {"start": format_utc(s), **totals.get(_bucket_label(s, group_by), Totals()).document(rates)} for s in starts
+        ]
+    elif group_by:
+        result["groups"] = {t.label: t.document(rates) for t in sorted(totals.values(), key=lambda t: t.label)}
+    return result
+
+
+def _bucket_label(start: datetime, group_by: str) -> str:
+    return format_utc(start)[: 13 if group_by == "hour" else 10].casefold()
+
+
+def _rates(providers: Sequence[Provider]) -> dict[str, list[tuple[float, float, float]]]:
+    """Model (case-folded) → each serving provider's (input_rate, output_rate, base_fee)."""
+    rates: dict[str, list[tuple[float, float, float]]] = {}
+    for p in providers:
+        for model in p.models:
+            rates.setdefault(model.casefold(), []).append((p.input_rate, p.output_rate, p.base_fee))
+    return rates
+
+
+# ---- listing -----------------------------------------------------------------------------------
+
+
+def _row(r: sqlite3.Row | Sequence[Any]) -> dict[str, Any]:
+    error = {"type": r[16], "message": r[17]} if r[16] is not None or r[17] is not None else None
+    return {
+        "request_id": r[0], "timestamp": r[1], "model": r[2], "provider": r[3], "policy": r[4],
+        "streaming": bool(r[5]), "status": r[6], "success": bool(r[7]), "http_status": r[8],
+        "tokens": {"input": r[9], "output": r[10]}, "cost_sats": r[11],
+        "timing": {"latency_ms": r[12], "ttft_ms": r[13], "stream_duration_ms": r[14]},
+        "retries": r[15], "error": error,
+    }
+
+
+def _count(conn: sqlite3.Connection, f: Filters) -> int:
+    """Matching rows, from the rollup: it counts successes, streams and successful streams."""
+    t = Totals.merge(_totals(conn, replace(f, success=None, streaming=None), None).values())
+    return t.count(f.success, f.streaming)
+
+
+def list_requests(db_path: str, args: Mapping[str, str], now: datetime | None = None) -> dict[str, Any]:
+    """One page of /v1/requests (SPEC §4.8)."""
+    f, page, per_page, sort, order = parse_list_args(args, now)
+    where, params = f.where()
+    direction = order.upper()
+    order_by = f"timestamp {direction}, id {direction}"
+    if sort != "timestamp":
+        order_by = f"{sort} {direction} NULLS LAST, {order_by}"
+    offset = (page - 1) * per_page
+    total, data = 0, []
+    with _reader(db_path) as conn:
+        if conn is not None:
+            total = _count(conn, f)
+            index = ""
+            if sort != "timestamp" and total:
+                # Walking the sort column's index visits about (offset + per_page) * table / total entries;
+                # sorting visits total rows. The planner cannot know which is cheaper, so say so.
+                table_rows = conn.execute(_TABLE_ROWS).fetchone()[0]
+                if (offset + per_page) * table_rows < total * total:
+                    index = f"INDEXED BY idx_requests_{'cost' if sort == 'cost_sats' else 'latency'}"
+            sql = f"SELECT {_ROW_COLUMNS} FROM requests {index} WHERE {where} ORDER BY {order_by} LIMIT ? OFFSET ?"
+            data = [_row(r) for r in conn.execute(sql, [*params, per_page, offset])] if offset < total else []
+    return {"data": data, "page": page, "per_page": per_page, "total": total, "total_pages": math.ceil(total / per_page)}
+
+
+def get_request(db_path: str, request_id: str) -> dict[str, Any] | None:
+    """One row by its request id, or None."""
+    with _reader(db_path) as conn:
+        if conn is None:
+            return None
+        r = conn.execute(f"SELECT {_ROW_COLUMNS} FROM requests WHERE request_id = ?", (request_id,)).fetchone()
+    return _row(r) if r else None

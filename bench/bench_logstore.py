@@ -1,0 +1,159 @@
+"""Request log benchmark: writer throughput, then /v1/stats and /v1/requests latency over 1,000,000 rows.
+
+    .venv/bin/python bench/bench_logstore.py [--rows 1000000] [--writes 50000] [--db PATH]
+
+Targets (printed, not asserted): writer ≥ 5,000 rows/s; each query < 300 ms. The big database is
+bulk-loaded with executemany into a table without indexes, then schema.sql adds indexes and triggers
+and the hourly rollup is rebuilt, as a long-lived arbstr would have it. Rows arrive in time order,
+like real traffic, spread over the last 7 days, so the default last_7d range covers every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from arbstr_core import logdb, queries
+from arbstr_core.config import Provider
+from arbstr_core.logstore import LogStore
+
+PROVIDERS = (
+    Provider("provider-alpha", "http://a.test/v1", ("gpt-4o", "gpt-4o-mini"), 10, 30, 1),
+    Provider("provider-beta", "http://b.test/v1", ("gpt-4o", "llama-3-70b"), 5, 15, 0.5),
+    Provider("provider-gamma", "http://c.test/v1", ("gpt-4o-mini", "llama-3-70b"), 2, 6, 0),
+)
+POLICIES = (None, None, "code_generation", "cheap_chat")
+
+
+def fake_rows(n: int, span_secs: float, rnd: random.Random) -> Iterator[tuple[Any, ...]]:
+    """``n`` rows in time order over the last ``span_secs``, in logdb.COLUMNS order."""
+    start = time.time() - span_secs
+    for i in range(n):
+        p = rnd.choice(PROVIDERS)
+        ok, stream = rnd.random() < 0.95, rnd.random() < 0.4
+        tin, tout = rnd.randint(10, 4000), rnd.randint(1, 1500)
+        cost = (tin * p.input_rate + tout * p.output_rate) / 1000 + p.base_fee if ok and rnd.random() > 0.02 else None
+        latency = int(rnd.lognormvariate(6.5, 0.6))
+        yield (
+            str(uuid.UUID(int=rnd.getrandbits(128), version=4)), logdb.utc_timestamp(start + i * span_secs / n),
+            rnd.choice(p.models), p.name, rnd.choice(POLICIES), int(stream),
+            ("complete" if stream else "ok") if ok else "error", int(ok), 200 if ok else 502,
+            tin if ok else None, tout if ok else None, cost, latency, latency // 5 if stream else None,
+            latency if stream else None, None, None if ok else "upstream_error", None if ok else "bench", 0,
+        )
+
+
+def bulk_load(path: Path, n: int) -> float:
+    started = time.perf_counter()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = OFF")
+    conn.execute("PRAGMA synchronous = OFF")
+    conn.execute("PRAGMA cache_size = -262144")
+    script = logdb.schema_path().read_text(encoding="utf-8")
+    for stmt in logdb.statements(script):
+        if "CREATE INDEX" not in stmt and "CREATE TRIGGER" not in stmt:
+            conn.execute(stmt)
+    marks = ", ".join("?" * len(logdb.COLUMNS))
+    conn.execute("BEGIN")
+    conn.executemany(
+        f"INSERT INTO requests ({', '.join(logdb.COLUMNS)}) VALUES ({marks})", fake_rows(n, 7 * 86400, random.Random(1))
+    )
+    conn.execute("COMMIT")
+    logdb.apply_schema(conn, script)  # indexes and triggers, built once over the loaded rows
+    logdb.rebuild_rollup(conn)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.close()
+    return time.perf_counter() - started
+
+
+def bench_writer(path: Path, n: int, label: str) -> None:
+    store = LogStore(str(path), queue_size=n + 1)
+    store.start()
+    assert store.flush(), "writer did not come up"
+    rows = [dict(zip(logdb.COLUMNS, r, strict=True)) for r in fake_rows(n, 3600, random.Random(2))]
+    put_times = []
+    started = time.perf_counter()
+    for r in rows:
+        t0 = time.perf_counter()
+        store.insert(r)
+        put_times.append(time.perf_counter() - t0)
+    store.close(timeout=300)
+    elapsed = time.perf_counter() - started
+    health = store.health()
+    put_times.sort()
+    print(f"writer, {label}: {health['written']:,} rows in {elapsed:.2f} s = {health['written'] / elapsed:,.0f} rows/s "
+          f"(target ≥ 5,000; dropped {health['dropped']}, write errors {health['write_errors']})")
+    print(f"insert() call: median {put_times[len(put_times) // 2] * 1e6:.1f} µs, "
+          f"p99 {put_times[int(len(put_times) * 0.99)] * 1e6:.1f} µs, max {put_times[-1] * 1e3:.2f} ms")
+
+
+def timed(fn: Callable[[], Any], repeat: int = 5) -> tuple[float, float]:
+    runs = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        runs.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(runs), max(runs)
+
+
+def bench_queries(path: Path) -> None:
+    db = str(path)
+    cases: list[tuple[str, Callable[[], Any]]] = [
+        ("stats (default last_7d)", lambda: queries.stats(db, {}, PROVIDERS)),
+        ("stats range=last_24h", lambda: queries.stats(db, {"range": "last_24h"}, PROVIDERS)),
+        ("stats range=last_1h", lambda: queries.stats(db, {"range": "last_1h"}, PROVIDERS)),
+        ("stats model=gpt-4o", lambda: queries.stats(db, {"model": "gpt-4o"}, PROVIDERS)),
+        ("stats group_by=model", lambda: queries.stats(db, {"group_by": "model"}, PROVIDERS)),
+        ("stats group_by=policy", lambda: queries.stats(db, {"group_by": "policy"}, PROVIDERS)),
+        ("stats group_by=day", lambda: queries.stats(db, {"group_by": "day"}, PROVIDERS)),
+        ("stats group_by=hour", lambda: queries.stats(db, {"group_by": "hour"}, PROVIDERS)),
+        ("stats last_24h group_by=hour", lambda: queries.stats(db, {"range": "last_24h", "group_by": "hour"}, PROVIDERS)),
+        ("requests (default)", lambda: queries.list_requests(db, {})),
+        ("requests sort=cost_sats", lambda: queries.list_requests(db, {"sort": "cost_sats"})),
+        ("requests sort=latency_ms asc page=100", lambda: queries.list_requests(
+            db, {"sort": "latency_ms", "order": "asc", "page": "100"})),
+        ("requests success=false", lambda: queries.list_requests(db, {"success": "false"})),
+        ("requests model+streaming", lambda: queries.list_requests(db, {"model": "gpt-4o", "streaming": "true"})),
+        ("requests success+streaming", lambda: queries.list_requests(db, {"success": "true", "streaming": "true"})),
+        ("requests page=5000", lambda: queries.list_requests(db, {"page": "5000"})),
+        ("request by id", lambda: queries.get_request(db, "no-such-id")),
+    ]
+    print(f"{'query':42} {'median ms':>10} {'max ms':>8}")
+    for label, fn in cases:
+        median, worst = timed(fn)
+        flag = "" if median < 300 else "   (over 300 ms)"
+        print(f"{label:42} {median:10.1f} {worst:8.1f}{flag}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--writes", type=int, default=50_000)
+    ap.add_argument("--db", type=Path, help="reuse (or create and keep) this database for the query bench")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        bench_writer(Path(tmp) / "writer.db", args.writes, "new database")
+        path = args.db or Path(tmp) / "big.db"
+        if not path.exists():
+            seconds = bulk_load(path, args.rows)
+            print(f"bulk load: {args.rows:,} rows in {seconds:.1f} s ({path.stat().st_size / 1e6:,.0f} MB)")
+        bench_queries(path)
+        copy = Path(tmp) / "big-copy.db"
+        shutil.copyfile(path, copy)
+        bench_writer(copy, args.writes // 2, f"into a copy of the {args.rows:,}-row database")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,354 @@
+"""The request log writer: durability, never blocking, failure handling (SPEC §7)."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from arbstr_core import logdb, logstore
+from arbstr_core.logstore import LogStore
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def row(i: int = 0, **over) -> dict:
+    base = {
+        "request_id": str(uuid.uuid4()),
+        "timestamp": logdb.utc_timestamp(),
+        "model": "gpt-4o",
+        "provider": "provider-alpha",
+        "policy": None,
+        "streaming": False,
+        "status": "ok",
+        "success": True,
+        "http_status": 200,
+        "input_tokens": 100 + i,
+        "output_tokens": 20 + i,
+        "cost_sats": 1.0 + i / 8,
+        "latency_ms": 300 + i,
+        "ttft_ms": None,
+        "stream_duration_ms": None,
+        "retries": None,
+        "error_type": None,
+        "error_message": None,
+        "client_retry_count": 0,
+    }
+    base.update(over)
+    return base
+
+
+def count(path: Path, where: str = "1") -> int:
+    with sqlite3.connect(path) as conn:
+        return conn.execute(f"SELECT COUNT(*) FROM requests WHERE {where}").fetchone()[0]
+
+
+def fetch(path: Path, request_id: str) -> dict:
+    conn = sqlite3.connect(path)
+    conn.row_factory = sqlite3.Row
+    try:
+        return dict(conn.execute("SELECT * FROM requests WHERE request_id = ?", (request_id,)).fetchone())
+    finally:
+        conn.close()
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    """Poll a condition the writer thread exposes only through health(); fail loudly on timeout."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)
+
+
+def rollup_is_consistent(path: Path) -> bool:
+    """requests_hourly, kept by triggers, equals a recomputation from the rows."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        kept = sorted(conn.execute("SELECT * FROM requests_hourly").fetchall())
+        logdb.rebuild_rollup(conn)
+        rebuilt = sorted(conn.execute("SELECT * FROM requests_hourly").fetchall())
+    finally:
+        conn.close()
+    return kept == rebuilt
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "arbstr.db"  # the directory does not exist yet: start() creates it
+
+
+def test_row_round_trip_keeps_tokens_cost_and_flags(db: Path) -> None:
+    store = LogStore(str(db))
+    store.start()
+    known = row(3, cost_sats=12.345678901234, retries="2/provider-alpha, 1/provider-beta", client_retry_count=2)
+    unknown = row(4, cost_sats=None, input_tokens=None, output_tokens=None, success=False, status="error",
+                  http_status=502, error_type="upstream_error", error_message="boom")
+    stream = row(5, streaming=True, status="streaming", success=False, cost_sats=None)
+    for r in (known, unknown, stream):
+        store.insert(r)
+    store.update(stream["request_id"], {"status": "complete", "success": True, "input_tokens": 7, "output_tokens": 9,
+                                        "cost_sats": 2.5, "ttft_ms": 40, "stream_duration_ms": 900, "latency_ms": 900})
+    when = datetime(2026, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
+    as_datetime, as_unix = row(6, timestamp=when), row(7, timestamp=when.timestamp())
+    store.insert(as_datetime)
+    store.insert(as_unix)
+    store.close()
+
+    for r in (as_datetime, as_unix):
+        assert fetch(db, r["request_id"])["timestamp"] == "2026-05-01T12:00:00.123Z"
+    got = fetch(db, known["request_id"])
+    for key in ("timestamp", "model", "provider", "input_tokens", "output_tokens", "cost_sats", "latency_ms",
+                "retries", "client_retry_count", "http_status"):
+        assert got[key] == known[key], key
+    assert (got["streaming"], got["success"]) == (0, 1)
+    got = fetch(db, unknown["request_id"])
+    assert got["cost_sats"] is None and got["input_tokens"] is None  # unknown stays unknown, never 0
+    assert (got["success"], got["error_type"], got["error_message"]) == (0, "upstream_error", "boom")
+    got = fetch(db, stream["request_id"])
+    assert (got["status"], got["success"], got["streaming"], got["cost_sats"]) == ("complete", 1, 1, 2.5)
+    assert (got["input_tokens"], got["output_tokens"], got["ttft_ms"], got["stream_duration_ms"]) == (7, 9, 40, 900)
+    assert store.health() == {"queued": 0, "written": 5, "dropped": 0, "db_ok": True, "write_errors": 0}
+    assert rollup_is_consistent(db)
+
+
+def test_pragmas_and_schema_version(db: Path) -> None:
+    store = LogStore(str(db))
+    store.start()
+    assert store.flush()
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == logdb.schema_version(logdb.schema_path().read_text())
+    conn.close()
+    store.close()
+
+
+def test_concurrent_inserts_all_land(db: Path) -> None:
+    store = LogStore(str(db), batch_size=64)
+    store.start()
+    threads, per_thread = 8, 400
+
+    def work(t: int) -> None:
+        for i in range(per_thread):
+            store.insert(row(i, request_id=f"t{t}-{i}"))
+
+    pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+    store.close()
+    assert count(db) == threads * per_thread
+    assert store.health()["written"] == threads * per_thread
+    assert store.health()["dropped"] == 0
+
+
+def test_close_drains_everything_queued(db: Path) -> None:
+    store = LogStore(str(db))
+    for i in range(3000):  # queued before the writer even exists
+        store.insert(row(i))
+    assert store.health()["queued"] == 3000
+    store.start()
+    store.close()
+    assert count(db) == 3000
+    assert store.health()["queued"] == 0
+    store.close()  # idempotent
+    store.insert(row())  # after close: dropped and counted, never written, never raises
+    assert store.health()["dropped"] == 1 and count(db) == 3000
+
+
+def test_locked_database_delays_rows_but_loses_none(db: Path) -> None:
+    store = LogStore(str(db), busy_timeout_ms=20, retry_secs=0.02)
+    store.start()
+    assert store.flush()
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        for i in range(200):
+            store.insert(row(i))
+        wait_for(lambda: store.health()["write_errors"] >= 2)
+        assert store.health()["db_ok"] is False and store.degraded()
+        assert store.health()["queued"] == 200
+        assert count(db) == 0  # WAL readers still read while the lock is held
+    finally:
+        blocker.execute("COMMIT")
+        blocker.close()
+    assert store.flush()
+    assert store.health()["db_ok"] is True and not store.degraded()
+    store.close()
+    assert count(db) == 200
+    assert store.health()["dropped"] == 0
+
+
+def test_unwritable_path_keeps_serving(tmp_path: Path) -> None:
+    (tmp_path / "not-a-dir").write_text("a file where the directory should be")  # root ignores chmod; this works
+    store = LogStore(str(tmp_path / "not-a-dir" / "arbstr.db"), queue_size=50, batch_size=20, retry_secs=0.01)
+    store.start()  # must not raise
+    wait_for(lambda: store.health()["write_errors"] >= 1)
+    started = time.perf_counter()
+    for i in range(500):
+        store.insert(row(i))
+    assert time.perf_counter() - started < 1.0  # 500 puts; a blocking put would wait for ever here
+    health = store.health()
+    assert health["db_ok"] is False and store.degraded()
+    assert health["dropped"] + health["queued"] == 500
+    assert health["queued"] <= 50 + 20  # the queue's bound plus one batch in the writer's hands
+    store.close(timeout=0.2)
+    assert store.health()["dropped"] == 500  # at the shutdown deadline the rest is counted as lost
+
+
+def test_failing_connection_recovers_and_writes_the_queue(db: Path) -> None:
+    healthy = threading.Event()
+    attempts = []
+
+    def connect(path: str) -> sqlite3.Connection:
+        attempts.append(path)
+        if not healthy.is_set():
+            raise sqlite3.OperationalError("disk I/O error")
+        return logdb.default_connect(path)
+
+    store = LogStore(str(db), connect=connect, retry_secs=0.01)
+    store.start()
+    for i in range(20):
+        store.insert(row(i))
+    wait_for(lambda: len(attempts) >= 3)
+    assert store.health()["db_ok"] is False and store.health()["write_errors"] >= 3
+    healthy.set()
+    wait_for(lambda: store.health()["written"] == 20)
+    assert store.health()["db_ok"] is True
+    store.close()
+    assert count(db) == 20
+
+
+def test_full_queue_drops_and_counts_without_blocking(db: Path) -> None:
+    now = [1_000_000.0]
+    store = LogStore(str(db), queue_size=10, clock=lambda: now[0])  # not started: nothing drains the queue
+    for i in range(25):
+        store.insert(row(i))
+    assert store.health() == {"queued": 10, "written": 0, "dropped": 15, "db_ok": True, "write_errors": 0}
+    assert store.degraded()
+    now[0] += logstore.DROP_WINDOW_SECS + 1  # drops older than 10 minutes no longer degrade /health
+    assert not store.degraded()
+
+
+def test_bad_row_is_rejected_alone(db: Path) -> None:
+    store = LogStore(str(db))
+    store.start()
+    good = [row(i) for i in range(5)]
+    store.insert(good[0])
+    store.insert(good[1])
+    store.insert({"request_id": None, "status": "ok"})  # NOT NULL request_id: cannot ever be written
+    store.insert({**good[2], "bogus_column": 1})  # unknown keys are ignored, the row is kept
+    store.insert(good[1])  # duplicate request_id
+    for r in good[3:]:
+        store.insert(r)
+    store.close()
+    assert count(db) == 5
+    health = store.health()
+    assert (health["written"], health["dropped"], health["write_errors"]) == (5, 2, 2)
+
+
+def test_retention_deletes_old_rows_at_start_and_daily(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = time.time()
+    day = 86400
+    conn = logdb.open_writer(str(db))
+    with logdb.transaction(conn):
+        for i, age in enumerate((40, 31, 29, 1, 0.1)):
+            logdb.apply_op(conn, ("insert", row(i, timestamp=logdb.utc_timestamp(now - age * day))), "old-process")
+    conn.close()
+    clock = [now]
+    monkeypatch.setattr(logstore, "RETENTION_EVERY_SECS", 0.05)
+    store = LogStore(str(db), retention_days=30, clock=lambda: clock[0])
+    store.start()
+    assert store.flush()
+    assert count(db) == 3  # the 40- and 31-day-old rows went at start
+    clock[0] += 2 * day  # two days later the 29-day-old row is past 30 days
+    wait_for(lambda: count(db) == 2)
+    store.close()
+    assert rollup_is_consistent(db)
+
+
+def test_leftover_streaming_rows_become_interrupted(db: Path) -> None:
+    live = LogStore(str(db))
+    live.start()
+    live_stream = row(1, streaming=True, status="streaming", success=False)
+    live.insert(live_stream)
+    assert live.flush()
+    conn = logdb.open_writer(str(db))
+    orphan, no_writer = row(2, status="streaming", streaming=True), row(3, status="streaming", streaming=True)
+    with logdb.transaction(conn):
+        conn.execute("INSERT INTO writers VALUES ('dead', 1, '2020-01-01T00:00:00.000Z', '2020-01-01T00:00:00.000Z')")
+        logdb.apply_op(conn, ("insert", orphan), "dead")
+        conn.execute(
+            "INSERT INTO requests (request_id, timestamp, status, streaming, success) VALUES (?, ?, 'streaming', 1, 1)",
+            (no_writer["request_id"], no_writer["timestamp"]),
+        )
+    conn.close()
+
+    restarted = LogStore(str(db))  # a new worker while `live` still serves its stream
+    restarted.start()
+    assert restarted.flush()
+    for r in (orphan, no_writer):
+        got = fetch(db, r["request_id"])
+        assert (got["status"], got["success"]) == ("interrupted", 0)
+        assert got["error_message"] == "arbstr stopped before the stream ended"
+    assert fetch(db, live_stream["request_id"])["status"] == "streaming"  # a live writer's stream is left alone
+
+    live.close()  # its process ends with the stream unfinished
+    assert fetch(db, live_stream["request_id"])["status"] == "interrupted"
+    restarted.close()
+    assert rollup_is_consistent(db)
+
+
+def test_disabled_store_writes_nothing(db: Path) -> None:
+    store = LogStore(str(db), enabled=False)
+    store.start()
+    store.insert(row())
+    store.update("x", {"status": "complete"})
+    store.close()
+    assert not db.exists() and not db.parent.exists()
+    assert store.health()["queued"] == 0 and not store.degraded()
+
+
+@pytest.mark.parametrize("ending", ["return", "KeyboardInterrupt"])
+def test_process_exit_drains_the_queue(tmp_path: Path, ending: str) -> None:
+    db = tmp_path / "exit.db"
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from arbstr_core.logstore import LogStore
+        store = LogStore({str(db)!r})
+        store.start()
+        for i in range(2000):
+            store.insert({{"request_id": str(i), "status": "ok", "success": True}})
+        if {ending!r} == "KeyboardInterrupt":
+            raise KeyboardInterrupt
+    """)
+    subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, timeout=60)
+    assert count(db) == 2000
+
+
+def test_schema_is_idempotent_and_respects_newer_versions(tmp_path: Path) -> None:
+    script = logdb.schema_path().read_text()
+    conn = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+    assert logdb.apply_schema(conn, script) == logdb.schema_version(script)
+    assert logdb.apply_schema(conn, script) == logdb.schema_version(script)
+    conn.execute("PRAGMA user_version = 99")
+    assert logdb.apply_schema(conn, script) == 99
+    conn.close()
+
+
+def test_schema_copies_agree() -> None:
+    """If a packaged copy of schema.sql exists (for `pip install .`), it is the top-level one verbatim."""
+    assert logdb.schema_path() == ROOT / "schema.sql"
+    packaged = ROOT / "arbstr_core" / "schema.sql"
+    if packaged.exists():
+        assert packaged.read_bytes() == (ROOT / "schema.sql").read_bytes()

@@ -1,0 +1,367 @@
+"""/v1/stats and /v1/requests against expectations computed here, in Python, from the inserted rows."""
+
+from __future__ import annotations
+
+import math
+import random
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from arbstr_core import logdb, queries
+from arbstr_core.config import Config, DatabaseConfig, Provider
+from arbstr_core.errors import ArbstrError
+from arbstr_core.logapi import logapi
+
+NOW = datetime(2026, 5, 10, 12, 34, 56, 789000, tzinfo=UTC)
+PROVIDERS = (
+    Provider("provider-alpha", "http://a.test/v1", ("gpt-4o", "gpt-4o-mini"), 10, 30, 1),
+    Provider("provider-beta", "http://b.test/v1", ("gpt-4o",), 5, 15, 0.5),
+    Provider("provider-gamma", "http://c.test/v1", ("gpt-4o-mini",), 2, 40, 0),  # dearest only for long answers
+)
+RATES = {"gpt-4o": [(10, 30, 1), (5, 15, 0.5)], "gpt-4o-mini": [(10, 30, 1), (2, 40, 0)]}
+
+
+def make_rows(n: int = 1500, seed: int = 7) -> list[dict[str, Any]]:
+    rnd = random.Random(seed)
+    rows = []
+    for i in range(n):
+        ts = NOW - timedelta(seconds=rnd.uniform(-600, 40 * 86400))  # a few in the future, some past 30 days
+        ok = rnd.random() < 0.85
+        stream = rnd.random() < 0.4
+        tin, tout = rnd.randint(1, 5000), rnd.randint(1, 2000)
+        known = ok and rnd.random() < 0.9
+        latency = rnd.randint(20, 9000) if ok or rnd.random() < 0.5 else None
+        rows.append({
+            "request_id": f"req-{i:05d}",
+            "timestamp": logdb.format_utc(ts),
+            "model": rnd.choice(["gpt-4o", "GPT-4o", "gpt-4o-mini", "unknown-model", None]),
+            "provider": rnd.choice(["provider-alpha", "provider-beta", "Provider-Beta", None]),
+            "policy": rnd.choice([None, "code", "chat"]),
+            "streaming": stream,
+            "status": ("complete" if stream else "ok") if ok else "error",
+            "success": ok,
+            "http_status": 200 if ok else rnd.choice([400, 502, 504]),
+            "input_tokens": tin if known else None,
+            "output_tokens": tout if known else None,
+            "cost_sats": (tin * 7 + tout * 21) / 1000 + 0.5 if known else None,
+            "latency_ms": latency,
+            "ttft_ms": rnd.randint(5, 500) if stream and ok else None,
+            "stream_duration_ms": latency if stream else None,
+            "retries": "1/provider-alpha" if rnd.random() < 0.1 else None,
+            "error_type": None if ok else "upstream_error",
+            "error_message": None if ok else "upstream said no",
+            "client_retry_count": 0,
+        })
+    # Exact edges: since is inclusive, until exclusive.
+    rows[0]["timestamp"] = logdb.format_utc(NOW - timedelta(hours=1))
+    rows[1]["timestamp"] = logdb.format_utc(NOW)
+    return rows
+
+
+def write(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Through the writer's SQL (so the rollup triggers run); streams go in as 'streaming' and are updated."""
+    conn = logdb.open_writer(str(path))
+    with logdb.transaction(conn):
+        for r in rows:
+            if r["streaming"]:
+                start = {**r, "status": "streaming", "success": False, "cost_sats": None, "input_tokens": None,
+                         "output_tokens": None, "latency_ms": None, "ttft_ms": None, "stream_duration_ms": None}
+                logdb.apply_op(conn, ("insert", start), "test")
+                logdb.apply_op(conn, ("update", r["request_id"], {k: r[k] for k in r if k != "request_id"}), "test")
+            else:
+                logdb.apply_op(conn, ("insert", r), "test")
+    conn.close()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[dict[str, Any]]]:
+    path = tmp_path_factory.mktemp("q") / "log.db"
+    rows = make_rows()
+    write(path, rows)
+    return str(path), rows
+
+
+@pytest.fixture(params=["sorted-in-python", "index-walk"])
+def percentile_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(queries, "SMALL_SET", 10**9 if request.param == "sorted-in-python" else 0)
+
+
+# ---- independent expectations --------------------------------------------------------------------
+
+
+def ts(r: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(r["timestamp"])
+
+
+def select(rows, since, until, model=None, provider=None, policy=None, success=None, streaming=None):
+    def eq(value, wanted):
+        return wanted is None or (value or "").casefold() == wanted.casefold()
+
+    return [
+        r for r in rows
+        if since <= ts(r) < until and eq(r["model"], model) and eq(r["provider"], provider) and eq(r["policy"], policy)
+        and (success is None or r["success"] == success) and (streaming is None or r["streaming"] == streaming)
+    ]
+
+
+def expected(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    lat = sorted(r["latency_ms"] for r in rows if r["success"] and r["latency_ms"] is not None)
+    ttft = [r["ttft_ms"] for r in rows if r["success"] and r["ttft_ms"] is not None]
+    savings = 0.0
+    for model in {(r["model"] or "").casefold() for r in rows}:
+        costed = [r for r in rows if (r["model"] or "").casefold() == model and r["cost_sats"] is not None]
+        if costed and model in RATES:
+            cin, cout = sum(r["input_tokens"] for r in costed), sum(r["output_tokens"] for r in costed)
+            dearest = max((cin * i + cout * o) / 1000 + len(costed) * f for i, o, f in RATES[model])
+            savings += dearest - sum(r["cost_sats"] for r in costed)
+
+    def nearest_rank(p: int) -> Any:
+        return lat[math.ceil(p / 100 * len(lat)) - 1] if lat else None
+
+    return {
+        "counts": {
+            "total": len(rows),
+            "success": sum(r["success"] for r in rows),
+            "error": sum(not r["success"] for r in rows),
+            "streaming": sum(r["streaming"] for r in rows),
+        },
+        "costs": {
+            "total_cost_sats": pytest.approx(sum(r["cost_sats"] or 0 for r in rows), rel=1e-9, abs=1e-9),
+            "total_input_tokens": sum(r["input_tokens"] or 0 for r in rows),
+            "total_output_tokens": sum(r["output_tokens"] or 0 for r in rows),
+            "savings_sats": pytest.approx(savings, rel=1e-9, abs=1e-9),
+        },
+        "performance": {
+            "avg_latency_ms": pytest.approx(sum(lat) / len(lat)) if lat else None,
+            "p50_latency_ms": nearest_rank(50),
+            "p95_latency_ms": nearest_rank(95),
+            "p99_latency_ms": nearest_rank(99),
+            "avg_ttft_ms": pytest.approx(sum(ttft) / len(ttft)) if ttft else None,
+        },
+    }
+
+
+def core(doc: dict[str, Any]) -> dict[str, Any]:
+    return {k: doc[k] for k in ("counts", "costs", "performance")}
+
+
+# ---- stats ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("range_", ["last_1h", "last_24h", "last_7d", "last_30d", None])
+def test_stats_totals_per_range(dataset, percentile_path, range_) -> None:
+    path, rows = dataset
+    doc = queries.stats(path, {"range": range_} if range_ else {}, PROVIDERS, now=NOW)
+    since = NOW - queries.RANGES[range_ or "last_7d"]
+    assert doc["since"] == logdb.format_utc(since) and doc["until"] == logdb.format_utc(NOW)
+    assert core(doc) == expected(select(rows, since, NOW))
+    assert "groups" not in doc
+
+
+@pytest.mark.parametrize("args", [
+    {"since": "2026-05-01T00:00:00Z", "until": "2026-05-08T00:00:00Z"},  # whole hours: rollup only
+    {"since": "2026-05-09T10:15:00+02:00", "until": "2026-05-09T08:40:00"},  # offset, naive = UTC; one hour
+    {"since": "2026-05-02T03:04:05.678 00:00"},  # a '+' that URL decoding turned into a space
+    {"until": "2026-05-05T05:05:05Z"},  # since defaults to a 7-day window before until
+])
+def test_stats_explicit_times(dataset, percentile_path, args) -> None:
+    path, rows = dataset
+    doc = queries.stats(path, args, PROVIDERS, now=NOW)
+    since, until = datetime.fromisoformat(doc["since"]), datetime.fromisoformat(doc["until"])
+
+    def given(name: str) -> datetime:
+        dt = datetime.fromisoformat(args[name].replace(" ", "+"))
+        return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt
+
+    assert since == (given("since") if "since" in args else until - timedelta(days=7))
+    assert until == (given("until") if "until" in args else NOW)
+    assert core(doc) == expected(select(rows, since, until))
+
+
+@pytest.mark.parametrize("filters", [{"model": "GPT-4O"}, {"provider": "provider-beta"}, {"policy": "Code"},
+                                     {"model": "gpt-4o-mini", "provider": "provider-alpha", "policy": "chat"}])
+def test_stats_filters_are_exact_and_case_insensitive(dataset, percentile_path, filters) -> None:
+    path, rows = dataset
+    doc = queries.stats(path, {**filters, "range": "last_30d"}, PROVIDERS, now=NOW)
+    assert core(doc) == expected(select(rows, NOW - timedelta(days=30), NOW, **filters))
+
+
+@pytest.mark.parametrize("group_by", ["model", "provider", "policy"])
+def test_stats_group_by_name(dataset, percentile_path, group_by) -> None:
+    path, rows = dataset
+    doc = queries.stats(path, {"group_by": group_by, "range": "last_30d"}, PROVIDERS, now=NOW)
+    chosen = select(rows, NOW - timedelta(days=30), NOW)
+    assert core(doc) == expected(chosen)
+    keys = {(r[group_by] or "").casefold() for r in chosen}
+    got = {("" if k == "(none)" else k.casefold()): v for k, v in doc["groups"].items()}
+    assert set(got) == keys
+    for key in keys:
+        assert got[key] == expected([r for r in chosen if (r[group_by] or "").casefold() == key]), key
+
+
+@pytest.mark.parametrize(("group_by", "args"), [("hour", {"range": "last_24h"}), ("day", {"range": "last_30d"}),
+                                                ("hour", {"since": "2026-05-10T12:00:00Z"})])
+def test_stats_group_by_time(dataset, percentile_path, group_by, args) -> None:
+    path, rows = dataset
+    doc = queries.stats(path, {**args, "group_by": group_by}, PROVIDERS, now=NOW)
+    since, until = datetime.fromisoformat(doc["since"]), datetime.fromisoformat(doc["until"])
+    step = timedelta(hours=1) if group_by == "hour" else timedelta(days=1)
+    start = since.replace(minute=0, second=0, microsecond=0)
+    if group_by == "day":
+        start = start.replace(hour=0)
+    starts = []
+    while start < until:
+        starts.append(start)
+        start += step
+    assert [datetime.fromisoformat(g["start"]) for g in doc["groups"]] == starts
+    for g, s in zip(doc["groups"], starts, strict=True):
+        assert core(g) == expected(select(rows, max(s, since), min(s + step, until))), g["start"]
+
+
+def test_stats_of_nothing(dataset, tmp_path) -> None:
+    path, _ = dataset
+    empty = expected([])
+    doc = queries.stats(path, {"since": "2001-01-01T00:00:00Z", "until": "2001-01-02T00:00:00Z"}, PROVIDERS)
+    assert core(doc) == empty and doc["performance"]["p50_latency_ms"] is None
+    missing = tmp_path / "none" / "arbstr.db"
+    assert core(queries.stats(str(missing), {"group_by": "model"}, PROVIDERS)) == empty
+    assert queries.stats(str(missing), {"group_by": "model"}, PROVIDERS)["groups"] == {}
+    assert not missing.exists() and not missing.parent.exists()  # reading never creates the log
+    blank = tmp_path / "blank.db"
+    sqlite3.connect(blank).close()  # exists, but the writer has not applied the schema yet
+    assert core(queries.stats(str(blank), {}, PROVIDERS)) == empty
+    assert queries.list_requests(str(blank), {})["total"] == 0
+    assert queries.get_request(str(blank), "x") is None
+
+
+@pytest.mark.parametrize(("args", "param", "accepted"), [
+    ({"range": "last_2d"}, "range", tuple(queries.RANGES)),
+    ({"since": "yesterday"}, "since", ("ISO 8601",)),
+    ({"until": "2026-13-01"}, "until", ("ISO 8601",)),
+    ({"range": "last_1h", "since": "2026-05-01T00:00:00Z"}, "range", ()),
+    ({"since": "2026-05-02T00:00:00Z", "until": "2026-05-01T00:00:00Z"}, "since", ()),
+    ({"group_by": "week"}, "group_by", queries.GROUP_BY),
+    ({"group_by": "hour", "since": "1900-01-01T00:00:00Z"}, "group_by", ()),
+])
+def test_stats_rejects_bad_parameters(dataset, args, param, accepted) -> None:
+    with pytest.raises(ArbstrError) as err:
+        queries.stats(dataset[0], args, PROVIDERS, now=NOW)
+    assert (err.value.status, err.value.param, err.value.code) == (400, param, "invalid_parameter")
+    assert param in err.value.message
+    assert all(a in err.value.message for a in accepted)
+
+
+# ---- listing -------------------------------------------------------------------------------------
+
+
+def order_key(sort: str, order: str):
+    desc = order == "desc"
+
+    def key(item):
+        i, r = item
+        value = r[sort] if sort != "timestamp" else None
+        missing = value is None and sort != "timestamp"
+        v = value if value is not None else 0
+        sign = -1 if desc else 1
+        return (missing, sign * v, sign * ts(r).timestamp(), sign * i)
+
+    return key
+
+
+@pytest.mark.parametrize(("sort", "order"), [("timestamp", "desc"), ("timestamp", "asc"), ("cost_sats", "asc"),
+                                             ("cost_sats", "desc"), ("latency_ms", "desc"), ("latency_ms", "asc")])
+@pytest.mark.parametrize("page", [1, 3])
+def test_list_sorts_and_pages(dataset, sort, order, page) -> None:
+    path, rows = dataset
+    args = {"range": "last_30d", "sort": sort, "order": order, "page": str(page), "per_page": "25"}
+    doc = queries.list_requests(path, args, now=NOW)
+    chosen = [(i, r) for i, r in enumerate(rows) if NOW - timedelta(days=30) <= ts(r) < NOW]
+    want = [r["request_id"] for _, r in sorted(chosen, key=order_key(sort, order))][(page - 1) * 25: page * 25]
+    assert [r["request_id"] for r in doc["data"]] == want
+    assert (doc["page"], doc["per_page"], doc["total"]) == (page, 25, len(chosen))
+    assert doc["total_pages"] == math.ceil(len(chosen) / 25)
+
+
+@pytest.mark.parametrize("filters", [{"success": "false"}, {"streaming": "true"}, {"success": "true", "streaming": "false"},
+                                     {"model": "gpt-4O", "success": "TRUE"}, {"provider": "provider-beta", "policy": "chat"}])
+def test_list_filters(dataset, filters) -> None:
+    path, rows = dataset
+    doc = queries.list_requests(path, {**filters, "range": "last_7d", "per_page": "100"}, now=NOW)
+    flags = {k: filters[k].lower() == "true" for k in ("success", "streaming") if k in filters}
+    names = {k: v for k, v in filters.items() if k in ("model", "provider", "policy")}
+    chosen = select(rows, NOW - timedelta(days=7), NOW, **names, **flags)
+    assert doc["total"] == len(chosen)
+    newest = sorted(chosen, key=lambda r: (r["timestamp"], r["request_id"]), reverse=True)[:100]
+    assert [r["request_id"] for r in doc["data"]] == [r["request_id"] for r in newest]
+
+
+def test_list_past_the_end_and_row_shape(dataset) -> None:
+    path, rows = dataset
+    doc = queries.list_requests(path, {"page": "999"}, now=NOW)
+    assert doc["data"] == [] and doc["page"] == 999 and doc["total"] > 0
+    err_row = next(r for r in rows if not r["success"] and r["latency_ms"] is not None and ts(r) < NOW)
+    got = queries.get_request(path, err_row["request_id"])
+    assert got == {
+        "request_id": err_row["request_id"], "timestamp": err_row["timestamp"], "model": err_row["model"],
+        "provider": err_row["provider"], "policy": err_row["policy"], "streaming": err_row["streaming"],
+        "status": "error", "success": False, "http_status": err_row["http_status"],
+        "tokens": {"input": None, "output": None}, "cost_sats": None,
+        "timing": {"latency_ms": err_row["latency_ms"], "ttft_ms": None,
+                   "stream_duration_ms": err_row["stream_duration_ms"]},
+        "retries": err_row["retries"], "error": {"type": "upstream_error", "message": "upstream said no"},
+    }
+    ok_row = next(r for r in rows if r["streaming"] and r["success"] and r["cost_sats"] is not None)
+    got = queries.get_request(path, ok_row["request_id"])
+    assert got["error"] is None and got["streaming"] is True and got["status"] == "complete"
+    assert got["tokens"] == {"input": ok_row["input_tokens"], "output": ok_row["output_tokens"]}
+    assert got["cost_sats"] == ok_row["cost_sats"] and got["timing"]["ttft_ms"] == ok_row["ttft_ms"]
+    assert queries.get_request(path, "no-such-id") is None
+
+
+@pytest.mark.parametrize(("args", "param"), [
+    ({"success": "maybe"}, "success"), ({"streaming": "yes"}, "streaming"), ({"page": "0"}, "page"),
+    ({"page": "two"}, "page"), ({"per_page": "101"}, "per_page"), ({"per_page": "0"}, "per_page"),
+    ({"sort": "model"}, "sort"), ({"order": "up"}, "order"), ({"range": "today"}, "range"),
+])
+def test_list_rejects_bad_parameters(dataset, args, param) -> None:
+    with pytest.raises(ArbstrError) as err:
+        queries.list_requests(dataset[0], args, now=NOW)
+    assert (err.value.status, err.value.param) == (400, param)
+    assert param in err.value.message
+
+
+# ---- HTTP blueprint ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def client(dataset):
+    app = Flask(__name__)
+    cfg = Config(providers=PROVIDERS, database=DatabaseConfig(path=dataset[0]))
+    app.extensions["arbstr"] = SimpleNamespace(config=cfg, logstore=None)
+    app.register_blueprint(logapi)
+
+    @app.errorhandler(ArbstrError)  # web.py renders errors app-wide; this stands in for it
+    def render(e: ArbstrError):
+        return e.body(), e.status
+
+    return app.test_client()
+
+
+def test_http_routes(client) -> None:
+    stats = client.get("/v1/stats?range=last_30d&group_by=model")
+    assert stats.status_code == 200 and set(stats.json) == {"since", "until", "counts", "costs", "performance", "groups"}
+    listing = client.get("/v1/requests?per_page=5&sort=cost_sats&since=2026-01-01T00:00:00Z")
+    assert listing.status_code == 200 and len(listing.json["data"]) == 5
+    one = client.get(f"/v1/requests/{listing.json['data'][0]['request_id']}")
+    assert one.status_code == 200 and one.json == listing.json["data"][0]
+    missing = client.get("/v1/requests/nope")
+    assert missing.status_code == 404 and missing.json["error"]["code"] == "request_not_found"
+    bad = client.get("/v1/requests?per_page=500")
+    assert bad.status_code == 400 and bad.json["error"]["param"] == "per_page"
+    assert client.get("/v1/stats/").status_code == 404  # no trailing-slash redirect

@@ -1,0 +1,78 @@
+"""`arbstr stats` / `arbstr requests` output (SPEC §8)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from arbstr_core import logdb, queries, report
+from arbstr_core.config import Config, DatabaseConfig, Provider
+
+PROVIDERS = (Provider("provider-alpha", "http://a.test/v1", ("gpt-4o",), 10, 30, 1),
+             Provider("provider-beta", "http://b.test/v1", ("gpt-4o",), 5, 15, 0.5))
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Config:
+    path = tmp_path / "log.db"
+    conn = logdb.open_writer(str(path))
+    with logdb.transaction(conn):
+        for i in range(150):
+            logdb.apply_op(conn, ("insert", {
+                "request_id": f"req-{i:03d}", "timestamp": logdb.utc_timestamp() if i else "2001-01-01T00:00:00.000Z",
+                "model": "gpt-4o", "provider": "provider-beta", "status": "ok" if i % 10 else "error",
+                "success": bool(i % 10), "streaming": False, "input_tokens": 1000, "output_tokens": 100 + i,
+                "cost_sats": (1000 * 5 + (100 + i) * 15) / 1000 + 0.5, "latency_ms": 100 + i,
+            }), "test")
+    conn.close()
+    return Config(providers=PROVIDERS, database=DatabaseConfig(path=str(path)))
+
+
+def test_stats_table_and_json_agree_with_the_api(cfg: Config) -> None:
+    out = io.StringIO()
+    assert report.run_stats(cfg, "last_24h", "model", out=out) == 0
+    text = out.getvalue()
+    doc = queries.stats(cfg.database.path, {"range": "last_24h", "group_by": "model"}, PROVIDERS)
+    errors = sum(1 for i in range(1, 150) if i % 10 == 0)  # row 0 is older than 24 h
+    assert "149 total" in text and f"{149 - errors} ok" in text and f"{errors} errors" in text
+    assert f"{doc['costs']['total_cost_sats']:,.2f} sats" in text
+    header, row = text.splitlines()[-2:]
+    assert header.split()[:3] == ["GROUP", "REQUESTS", "ERRORS"] and row.split()[:3] == ["gpt-4o", "149", str(errors)]
+    assert len(header) == len(row)  # aligned columns
+    out = io.StringIO()
+    assert report.run_stats(cfg, "last_24h", "model", as_json=True, out=out) == 0
+    got = json.loads(out.getvalue())
+    assert got["counts"] == doc["counts"] and got["groups"].keys() == doc["groups"].keys()
+
+
+def test_requests_table_pages_past_the_api_limit(cfg: Config) -> None:
+    out = io.StringIO()
+    assert report.run_requests(cfg, limit=149, as_json=True, out=out) == 0
+    got = json.loads(out.getvalue())
+    assert got["total"] == 150 and len(got["data"]) == 149
+    assert len({r["request_id"] for r in got["data"]}) == 149
+    assert "req-000" not in {r["request_id"] for r in got["data"]}  # the oldest row is the one left out
+    out = io.StringIO()
+    assert report.run_requests(cfg, limit=3, out=out) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[0].split()[:3] == ["TIME", "(UTC)", "MODEL"] and len(lines) == 4
+    assert len({line.index("req-") for line in lines[1:]}) == 1  # the id column lines up
+
+
+def test_errors_go_to_stderr_with_exit_1(cfg: Config, capsys: pytest.CaptureFixture[str]) -> None:
+    assert report.run_stats(cfg, "yesterday") == 1
+    assert "range" in capsys.readouterr().err
+    assert report.run_requests(cfg, limit=0) == 1
+    assert "--limit" in capsys.readouterr().err
+
+
+def test_missing_database_prints_zeros_and_a_note(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = Config(providers=PROVIDERS, database=DatabaseConfig(path=str(tmp_path / "nope.db")))
+    assert report.run_stats(cfg) == 0
+    captured = capsys.readouterr()
+    assert "0 total" in captured.out and "no request log" in captured.err
+    assert report.run_requests(cfg) == 0
+    assert "no requests logged yet" in capsys.readouterr().out
