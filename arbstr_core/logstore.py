@@ -87,8 +87,8 @@ class LogStore:
 
     def start(self) -> None:
         """Start the writer thread once (thread-safe, idempotent); all database work happens on it."""
-        if not self.enabled:
-            return
+        if not self.enabled or self._thread is not None:
+            return  # the fast path: every request calls this
         with self._lock:
             if self._thread is not None or self._closed:
                 return
