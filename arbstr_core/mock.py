@@ -37,8 +37,7 @@ def mock_config(overrides: dict[str, Any] | None = None) -> Config:
     """The embedded default: three mock providers, a code policy, the database in ./arbstr.db."""
     raw: dict[str, Any] = {
         "providers": [dict(p, url=mock_url(p["name"])) for p in MOCK_PROVIDERS],
-        "policies": {"rules": [{"name": "code_generation", "allowed_models": ["gpt-4o"],
-                                "max_sats_per_1k_output": 20,
+        "policies": {"rules": [{"name": "code_generation", "max_sats_per_1k_output": 20,
                                 "keywords": ["code", "function", "implement", "debug"]}]},
     }
     raw.update(overrides or {})

@@ -245,7 +245,7 @@ def _complete(chat: ChatRequest, raw: bytes, candidates: list[Provider]) -> Resp
         output_tokens=output_tokens, cost_sats=cost, latency_ms=latency, retries=retries,
     ))
     log.info("request_id=%s model=%s provider=%s status=%d latency_ms=%d cost_sats=%s",
-             chat.id, chat.model, provider.name, status, latency, cost)
+             chat.id, chat.model, provider.name, status, latency, _fmt(cost))
     return Response(body, status, headers, mimetype="application/json")
 
 
@@ -292,7 +292,8 @@ def _stream(chat: ChatRequest, body: dict[str, Any], candidates: list[Provider],
                 "error_message": summary.error if not ok else None,
             })
             log.info("request_id=%s model=%s provider=%s stream=%s ttft_ms=%s duration_ms=%s cost_sats=%s",
-                     chat.id, chat.model, provider.name, summary.status, summary.ttft_ms, summary.duration_ms, cost)
+                     chat.id, chat.model, provider.name, summary.status, summary.ttft_ms, summary.duration_ms,
+                     _fmt(cost))
         finally:
             if state.slots is not None:
                 state.slots.release()
@@ -317,6 +318,10 @@ def _peer_closed(sock: socket.socket) -> bool:
         return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
     except (OSError, ValueError):
         return True
+
+
+def _fmt(cost: float | None) -> str:
+    return "unknown" if cost is None else f"{cost:.6g}"
 
 
 def _int_or_none(value: str | None) -> int | None:
