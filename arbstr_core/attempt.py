@@ -20,7 +20,7 @@ from .errors import ArbstrError
 from .failures import Verdict
 from .retry import AttemptResult
 from .sse import EventSplitter, event_data, parse_json
-from .upstream import Upstream, UpstreamError, finish, read_body, read_chunks
+from .upstream import Cutoff, Upstream, UpstreamError, finish, read_body, read_chunks
 
 ERROR_BODY_LIMIT = 64 * 1024
 STREAM_ERROR = Verdict("stream_error", retry_same=False, fallback=True, breaker=failures.FAILURE)
@@ -59,29 +59,41 @@ class Caller:
         self.max_response_bytes = max_response_bytes
         self.max_retry_after = max_retry_after
         self.scrub = scrub
+        self.cutoff = Cutoff()  # fired by the request thread when the deadline passes
 
     def _post(self, provider: Provider, left: float | None, stream: bool) -> requests.Response:
         connect, read = self.connect_timeout, self.read_timeout
         if left is not None:
             connect, read = min(connect, left), min(read, left)
         return self.upstream.post(
-            provider, self.body, self.request_id, stream=stream, connect_timeout=connect, read_timeout=read
+            provider, self.body, self.request_id, stream=stream, connect_timeout=connect, read_timeout=read,
+            cutoff=self.cutoff,
         )
 
     def json(self, provider: Provider, left: float | None) -> AttemptResult:
-        """A non-streaming attempt; on success ``payload`` is ``(status, body bytes, parsed body)``."""
+        """A non-streaming attempt; on success ``payload`` is ``(status, body bytes, parsed body)``.
+
+        Firing :attr:`cutoff` ends it at once, wherever it is (see :class:`Cutoff`).
+        """
+        cutoff = self.cutoff
         try:
             resp = self._post(provider, left, stream=False)
         except UpstreamError as e:
-            return _transport_failure(e)
+            return _out_of_time() if cutoff.fired else _transport_failure(e)
         try:
+            if cutoff.fired:
+                resp.close()
+                return _out_of_time()
             if not 200 <= resp.status_code < 300:
                 return self._http_failure(resp)
             body = read_body(resp, self.max_response_bytes)
+            if cutoff.fired:
+                resp.close()
+                return _out_of_time()
             finish(resp)
         except UpstreamError as e:
             resp.close()
-            return _transport_failure(e)
+            return _out_of_time() if cutoff.fired else _transport_failure(e)
         parsed = _json_object(body)
         if parsed is None:
             return AttemptResult(failures.BAD_BODY, resp.status_code, "answer is not a JSON object")
@@ -100,8 +112,8 @@ class Caller:
         held: list[bytes] = []
         try:
             for chunk in chunks:
-                for event in splitter.feed(chunk):
-                    held.append(event)
+                events = splitter.feed(chunk)
+                for event in events:
                     data = event_data(event)
                     if data is None:
                         continue  # a comment (keep-alive): hold it and wait for real data
@@ -109,8 +121,11 @@ class Caller:
                     if err is not None and "error" in err and "choices" not in err:
                         resp.close()
                         return AttemptResult(STREAM_ERROR, resp.status_code, self._message(err, data))
-                    opened = OpenStream(resp, chunks, splitter, held)
+                    # Hold every event of this read, not just up to the first data event: one read
+                    # often carries several events, and the relay starts after the held ones.
+                    opened = OpenStream(resp, chunks, splitter, held + events)
                     return AttemptResult(failures.OK, resp.status_code, payload=opened, close=resp.close)
+                held.extend(events)
         except UpstreamError as e:
             resp.close()
             return _transport_failure(e)
@@ -156,6 +171,11 @@ class Caller:
         else:
             text = raw[:500].decode("utf-8", "replace").strip()
         return self.scrub(text)[:1000]
+
+
+def _out_of_time() -> AttemptResult:
+    """The deadline cut the attempt off: the request was sent, so it counts as a read timeout."""
+    return AttemptResult(failures.SENT_FAILED, None, "read timeout (no complete answer in the time left)")
 
 
 def _transport_failure(e: UpstreamError) -> AttemptResult:

@@ -221,6 +221,7 @@ def _complete(chat: ChatRequest, raw: bytes, candidates: list[Provider]) -> Resp
         outcome = future.result(timeout=max(deadline - time.monotonic(), 0))
     except FutureTimeout:
         cancel.set()
+        caller.cutoff.fire()  # the abandoned attempt closes its connection now, not at its next read
         return chat.fail(deadline_error())
     except Abandoned:  # pragma: no cover - only the deadline cancels a non-streaming chain
         return chat.fail(deadline_error())

@@ -68,10 +68,14 @@ def _events(ctx: StreamContext, opened: OpenStream, summary: StreamSummary) -> I
     """Relay events until [DONE]; on a break, leave ``summary.status`` INTERRUPTED with a reason."""
     pending = opened.first
     chunks = opened.chunks
+    replaced = False  # the last event was dropped or rewritten
     try:
         while True:
             for event in pending:
+                if event == b"\n" and replaced:
+                    continue  # the rest of that event's CRLF, cut off by a read (see EventSplitter)
                 out = _handle(ctx, event, summary)
+                replaced = out is not event
                 if out:
                     if ctx.client_gone():
                         summary.status = CLIENT_DISCONNECTED

@@ -1,9 +1,9 @@
 """Server-sent events at the byte level (SPEC §6). Pure: bytes in, bytes out.
 
 Events are split where a blank line ends them, whatever mix of CR, LF and CRLF the provider uses
-and wherever TCP cut the bytes. Nothing is decoded or re-encoded, so a multi-byte UTF-8 character
-split across reads is relayed exactly as it came, and an event is released the moment its blank
-line arrives.
+and wherever TCP cut the bytes. Nothing is decoded, re-encoded or dropped, so a multi-byte UTF-8
+character split across reads is relayed exactly as it came, the pieces handed out concatenate to the
+bytes fed in, and an event is released the moment its blank line arrives.
 """
 
 from __future__ import annotations
@@ -23,23 +23,30 @@ _LINE = re.compile(rb"\r\n|\n|\r")
 
 
 class EventSplitter:
-    """Accumulates bytes and hands back each complete event (with its terminator) as soon as it ends."""
+    """Accumulates bytes and hands back each complete event (with its terminator) as soon as it ends.
+
+    One piece handed back is not an event: when an event's blank line ended on a CR at the end of a
+    read (it is complete: a CR ends a line), the LF that may start the next read is the rest of that
+    CRLF. It is handed back alone, so the relay passes it on and the client gets the provider's bytes
+    exactly; an SSE parser pairs it with the CR, and :func:`event_data` finds no data in it.
+    """
 
     def __init__(self) -> None:
         self._buf = bytearray()
-        self._skip_lf = False  # the last event ended on a bare CR; an LF that follows belongs to it
+        self._cr_end = False  # the last event ended on a bare CR; an LF that follows belongs to it
 
     def feed(self, data: bytes) -> list[bytes]:
-        if self._skip_lf and data:
-            self._skip_lf = False
+        events: list[bytes] = []
+        if self._cr_end and data:
+            self._cr_end = False
             if data[:1] == b"\n":
+                events.append(b"\n")
                 data = data[1:]
         buf = self._buf
         # The buffered bytes held no boundary, so a new one ends in ``data``: rescanning only its last
         # few bytes keeps a large event that trickles in small reads linear instead of quadratic.
         start, scan = 0, max(0, len(buf) - (_MAX_BOUNDARY - 1))
         buf += data
-        events: list[bytes] = []
         while True:
             m = _BOUNDARY.search(buf, max(start, scan))
             if m is None:
@@ -47,7 +54,7 @@ class EventSplitter:
             events.append(bytes(buf[start : m.end()]))
             start = m.end()
             if start == len(buf) and buf[-1:] == b"\r":
-                self._skip_lf = True
+                self._cr_end = True
         del buf[:start]
         return events
 

@@ -9,10 +9,14 @@ twice (SPEC §5.1).
 from __future__ import annotations
 
 import http.client
+import socket
 import threading
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import requests
+import urllib3.connection
+import urllib3.connectionpool
 import urllib3.exceptions
 from requests.adapters import BaseAdapter, HTTPAdapter
 
@@ -31,6 +35,93 @@ class UpstreamError(Exception):
         self.timeout = timeout
 
 
+class Cutoff:
+    """Ends an abandoned attempt's connection at once, from another thread.
+
+    Per-read timeouts restart with every byte, so an upstream that trickles its headers or body would
+    outlive the request's deadline and hold its connection (and, at shutdown, the worker) long after
+    the client got its 504. The request thread fires the cutoff when the deadline passes: the socket of
+    the attempt in flight (and of any attempt that starts later) is shut down, which ends a read blocked
+    in the chain's thread at once; ``fired`` tells the attempt why its answer broke off.
+    """
+
+    def __init__(self) -> None:
+        self.fired = False
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+
+    def attach(self, sock: socket.socket | None) -> None:
+        if sock is None:
+            return
+        with self._lock:
+            self._sock = sock
+            fired = self.fired
+        if fired:
+            _shut(sock)
+
+    def fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            sock = self._sock
+        if sock is not None:
+            _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        # The plain socket call on the descriptor: works for TLS sockets too, and after http.client
+        # has dropped its reference to a Connection: close socket that the response still reads.
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+_watching = threading.local()  # the Cutoff of the attempt this thread is sending, if any
+
+
+class _Watched:
+    """Reports the socket of each request (new or pooled connection) to the sending attempt's Cutoff."""
+
+    sock: socket.socket | None
+
+    def _report(self) -> None:
+        cutoff = getattr(_watching, "cutoff", None)
+        if cutoff is not None:
+            cutoff.attach(self.sock)
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        self._report()
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        self._report()  # a pooled connection is already connected: connect() will not run
+        super().request(*args, **kwargs)  # type: ignore[misc]
+
+
+class _WatchedHTTPConnection(_Watched, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _WatchedHTTPSConnection(_Watched, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _HTTPPool(urllib3.connectionpool.HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _HTTPSPool(urllib3.connectionpool.HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+class _WatchedAdapter(HTTPAdapter):
+    """HTTPAdapter whose connections report to the sending attempt's Cutoff."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+
+
 class Upstream:
     """Per-thread sessions; ``adapters`` maps URL prefixes to transports (mock mode, tests)."""
 
@@ -44,7 +135,7 @@ class Upstream:
         if s is None:
             s = requests.Session()
             s.trust_env = False  # never route provider traffic through an ambient proxy or .netrc
-            http = HTTPAdapter(pool_connections=self._pool_size, pool_maxsize=self._pool_size, max_retries=0)
+            http = _WatchedAdapter(pool_connections=self._pool_size, pool_maxsize=self._pool_size, max_retries=0)
             s.mount("http://", http)
             s.mount("https://", http)
             for prefix, adapter in self._adapters.items():
@@ -61,8 +152,12 @@ class Upstream:
         stream: bool,
         connect_timeout: float,
         read_timeout: float,
+        cutoff: Cutoff | None = None,
     ) -> requests.Response:
-        """Send one attempt; the body is read by the caller (``stream=True`` always, to control reads)."""
+        """Send one attempt; the body is read by the caller (``stream=True`` always, to control reads).
+
+        ``cutoff``, if given, is attached to the connection the attempt uses.
+        """
         headers = {
             "Content-Type": "application/json",
             "Accept": "text/event-stream" if stream else "application/json",
@@ -73,6 +168,7 @@ class Upstream:
             headers["Accept-Encoding"] = "identity"  # SSE bytes must arrive as sent, event by event
         if provider.api_key is not None:
             headers["Authorization"] = "Bearer " + provider.api_key.reveal()
+        _watching.cutoff = cutoff
         try:
             return self.session().post(
                 provider.endpoint,
@@ -84,6 +180,8 @@ class Upstream:
             )
         except requests.RequestException as e:
             raise translate(e) from None
+        finally:
+            _watching.cutoff = None
 
 
 def _causes(e: BaseException) -> Iterator[BaseException]:

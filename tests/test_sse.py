@@ -66,21 +66,30 @@ def test_one_feed_yields_every_event_intact() -> None:
 
 
 # Where each event ends in STREAM. A cut exactly between the CR and LF of an event's final CRLF is the
-# one place the bytes may differ: a CR already ends the blank line, so the event is released at once
-# (never held for bytes that may not come), and the LF that follows is recognised as the rest of that
-# CRLF and dropped, exactly as a conforming SSE parser (the OpenAI SDK's included) would treat it.
+# one place the pieces differ from EVENTS: a CR already ends the blank line, so the event is released
+# at once (never held for bytes that may not come), and the LF that follows is handed back alone, so
+# the bytes relayed are still the bytes received (a conforming SSE parser, the OpenAI SDK's included,
+# pairs that LF with the CR).
 ENDS = list(itertools.accumulate(len(e) for e in EVENTS))
 
 
 def expected_events(cuts: Sequence[int]) -> list[bytes]:
-    return [e[:-1] if e.endswith(b"\r\n") and end - 1 in cuts else e for e, end in zip(EVENTS, ENDS, strict=True)]
+    out: list[bytes] = []
+    for e, end in zip(EVENTS, ENDS, strict=True):
+        out += [e[:-1], b"\n"] if e.endswith(b"\r\n") and end - 1 in cuts else [e]
+    return out
+
+
+def data_of(events: Iterable[bytes]) -> list[bytes | None]:
+    """Each event's data, leaving out the lone LFs that complete a CRLF split from its CR."""
+    return [event_data(e) for e in events if e != b"\n"]
 
 
 def test_every_single_split_point_gives_identical_events() -> None:
     for cut in range(len(STREAM) + 1):
         events, pending = feed_all(split_at(STREAM, [cut]))
         assert events == expected_events([cut]), f"split at byte {cut}"
-        assert [event_data(e) for e in events] == [event_data(e) for e in EVENTS]
+        assert data_of(events) == data_of(EVENTS)
         assert pending == b""
 
 
@@ -96,7 +105,7 @@ def test_every_pair_of_split_points_around_terminators_gives_identical_events() 
 def test_byte_by_byte_feed() -> None:
     events, pending = feed_all(STREAM[i : i + 1] for i in range(len(STREAM)))
     assert events == expected_events(range(len(STREAM) + 1)) and pending == b""
-    assert [event_data(e) for e in events] == [event_data(e) for e in EVENTS]
+    assert data_of(events) == data_of(EVENTS)
 
 
 @pytest.mark.parametrize("size", [2, 3, 5, 7, 64, 1000])
@@ -111,10 +120,10 @@ def test_concatenated_output_is_the_input_byte_for_byte() -> None:
     assert len(cr_lf_cuts) == 4  # the events ending "\r\n\r\n" (twice), "\n\r\n" and "\r\r\n"
     for cut in range(len(STREAM) + 1):
         events, _ = feed_all(split_at(STREAM, [cut]))
-        if cut in cr_lf_cuts:
-            assert b"".join(events) == STREAM[:cut] + STREAM[cut + 1 :]
-        else:
-            assert b"".join(events) == STREAM
+        assert b"".join(events) == STREAM, f"split at byte {cut}"
+        assert (b"\n" in events) == (cut in cr_lf_cuts)
+    events, _ = feed_all(STREAM[i : i + 1] for i in range(len(STREAM)))
+    assert b"".join(events) == STREAM
 
 
 @pytest.mark.parametrize(
@@ -156,7 +165,7 @@ def test_crlf_split_across_feeds() -> None:
     splitter = EventSplitter()
     assert splitter.feed(b"data: a\r") == []
     assert splitter.feed(b"\n\r") == [b"data: a\r\n\r"]  # the blank line ended at its CR
-    assert splitter.feed(b"\n") == []  # ... and its LF is not a new line
+    assert splitter.feed(b"\n") == [b"\n"]  # ... and its LF, passed on alone, is not a new line
     assert splitter.feed(b"data: b\n\n") == [b"data: b\n\n"]
 
 
@@ -164,30 +173,30 @@ def test_bare_cr_end_followed_by_lf_in_the_next_feed() -> None:
     splitter = EventSplitter()
     # "\r\n\r" is a complete blank line already (CR ends a line): the event is released at once.
     assert splitter.feed(b"data: a\r\n\r") == [b"data: a\r\n\r"]
-    # The LF that follows completes that CRLF; it must not start the next event.
-    assert splitter.feed(b"\ndata: b\r\n\r\n") == [b"data: b\r\n\r\n"]
+    # The LF that follows completes that CRLF; it is passed on alone and does not start the next event.
+    assert splitter.feed(b"\ndata: b\r\n\r\n") == [b"\n", b"data: b\r\n\r\n"]
     assert splitter.pending() == b""
 
 
 def test_bare_cr_cr_end_followed_by_lf() -> None:
     splitter = EventSplitter()
     assert splitter.feed(b"data: a\r\r") == [b"data: a\r\r"]
-    assert splitter.feed(b"\n") == []
+    assert splitter.feed(b"\n") == [b"\n"]
     assert splitter.pending() == b""
     assert splitter.feed(b"data: b\r\r") == [b"data: b\r\r"]
 
 
-def test_skipped_lf_survives_an_empty_read() -> None:
+def test_split_off_lf_survives_an_empty_read() -> None:
     splitter = EventSplitter()
     assert splitter.feed(b"data: a\r\r") == [b"data: a\r\r"]
     assert splitter.feed(b"") == []
-    assert splitter.feed(b"\ndata: b\n\n") == [b"data: b\n\n"]
+    assert splitter.feed(b"\ndata: b\n\n") == [b"\n", b"data: b\n\n"]
 
 
-def test_only_one_lf_is_skipped_and_only_right_after_a_cr_end() -> None:
+def test_only_one_lf_is_split_off_and_only_right_after_a_cr_end() -> None:
     splitter = EventSplitter()
     assert splitter.feed(b"data: a\r\r") == [b"data: a\r\r"]
-    assert splitter.feed(b"data: b\n\n") == [b"data: b\n\n"]  # nothing to skip
+    assert splitter.feed(b"data: b\n\n") == [b"data: b\n\n"]  # no CR end: nothing to split off
     assert splitter.feed(b"\ndata: c\n\n") == [b"\ndata: c\n\n"]  # an LF here is a real (empty) line
 
 
