@@ -17,7 +17,8 @@ the simplest honest HTTP/1.1, and a pooled ``requests.Session`` simply opens a n
 
 Actions: ``reply``, ``error``, ``sse``, ``hang``, ``reset``, ``disconnect``, ``raw``, ``slow_headers``,
 ``auto`` (the default: SSE when the request says ``"stream": true``, JSON otherwise) and
-``status_then``. Any callable taking an ``Exchange`` works as an action too.
+``status_then``, and ``mixed`` (a seeded random pick among labelled actions, recorded). Any callable
+taking an ``Exchange`` works as an action too.
 
 Waiting is done with ``select`` on the client socket plus a per-connection wake-up socketpair, so a
 stalled stream notices at once when its client leaves (``Connection.closed_by_client``), a ``hang``
@@ -29,6 +30,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import json as jsonlib
+import random
 import selectors
 import socket
 import struct
@@ -718,6 +720,28 @@ def status_then(
     return [error(status, retry_after=retry_after)] * times + [then if then is not None else Auto()]
 
 
+class Mixed(Action):
+    """Pick one of ``choices`` — ``(label, weight, action)`` — per request, at random, and record it.
+
+    The generator is seeded (``seed``) and drawn under a lock, so the sequence of picks is
+    reproducible (their assignment to concurrent requests is not). ``picks`` holds ``(request, label)``
+    in the order the picks were made: what each request was answered with, for soak-test assertions.
+    """
+
+    def __init__(self, choices: Sequence[tuple[str, float, ActionLike]], seed: int = 0) -> None:
+        self.choices = list(choices)
+        self.seed = seed
+        self.picks: list[tuple[Request, str]] = []
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+
+    def run(self, ex: Exchange) -> None:
+        with self._lock:
+            label, _, action = self._rng.choices(self.choices, weights=[w for _, w, _ in self.choices])[0]
+            self.picks.append((ex.request, label))
+        _run(action, ex)
+
+
 # Lower-case names so scripts read as prose: up.script(reply(503), sse(cut_after=2), hang(5)).
 reply = Reply
 sse = SSE
@@ -728,6 +752,7 @@ raw = Raw
 slow_headers = SlowHeaders
 auto = Auto
 pause = Pause
+mixed = Mixed
 
 
 def _run(action: ActionLike, ex: Exchange) -> None:
