@@ -16,9 +16,9 @@ the simplest honest HTTP/1.1, and a pooled ``requests.Session`` simply opens a n
         first, second, third = up.wait_for_requests(3)
 
 Actions: ``reply``, ``error``, ``sse``, ``hang``, ``reset``, ``disconnect``, ``raw``, ``slow_headers``,
-``auto`` (the default: SSE when the request says ``"stream": true``, JSON otherwise) and
-``status_then``, and ``mixed`` (a seeded random pick among labelled actions, recorded). Any callable
-taking an ``Exchange`` works as an action too.
+``auto`` (the default: SSE when the request says ``"stream": true``, JSON otherwise), ``status_then``
+and ``mixed`` (a seeded random pick among labelled actions, recorded). Any callable taking an
+``Exchange`` works as an action too.
 
 Waiting is done with ``select`` on the client socket plus a per-connection wake-up socketpair, so a
 stalled stream notices at once when its client leaves (``Connection.closed_by_client``), a ``hang``
