@@ -23,14 +23,14 @@ import openai
 import pytest
 import requests
 from conftest import ArbstrServer, provider
-from fakes import Exchange, FakeUpstream, reply, slow_headers, sse
+from fakes import Exchange, FakeUpstream, error, reply, slow_headers, sse
 
 from arbstr_core.server import GRACEFUL_TIMEOUT
 
 WORDS = 12
-INTERVAL = 0.15  # between upstream events: a stream of WORDS words lasts about 2 s
+INTERVAL = 0.12  # between upstream events: a stream of WORDS words lasts about 2 s
 CONTENT = " ".join(f"w{i}" for i in range(WORDS))
-JSON_DELAY = 2.5  # non-streams: the provider answers after this long
+JSON_DELAY = 2.0  # non-streams: the provider answers after this long
 MSG = [{"role": "user", "content": "shutdown"}]
 EXIT_BOUND = 60.0  # generous: the slowest stream needs ~2 s; far below GRACEFUL_TIMEOUT
 
@@ -177,13 +177,26 @@ class Hammer:
 
 def test_sigterm_lets_in_flight_streams_and_requests_finish(fake_upstream, make_config, gunicorn_server,
                                                             tmp_path: Path) -> None:
-    """Shipped graceful_timeout: everything in flight is answered in full, every answer has its final row,
-    including quick requests that kept arriving on keep-alive connections while the worker shut down."""
+    """Shipped graceful_timeout: everything in flight (streams, slow non-streams, non-streams waiting out a
+    Retry-After) is answered in full, and every answer has its final row, including quick requests that
+    kept arriving on keep-alive connections while the worker shut down."""
     slow, fast = fake_upstream(2)
-    slow.default = slow_provider
+    rate_limited: set[str] = set()
+
+    def slow_after_429(ex: Exchange) -> None:
+        """"retry" requests: 429 with Retry-After: 1 first, so the signal finds arbstr waiting to retry."""
+        key = ex.request.headers["Idempotency-Key"]
+        if ex.request.json["messages"][0]["content"] == "retry" and key not in rate_limited:
+            rate_limited.add(key)
+            error(429, retry_after=1).run(ex)
+        else:
+            slow_provider(ex)
+
+    slow.default = slow_after_429
     server = gunicorn_server(make_config([provider(slow, "slow", models=["gpt-4o"]),
                                           provider(fast, "fast", models=["gpt-4o-mini"])]))
-    calls = [Call(client, stream) for client in ("sdk", "requests") for stream in (True, True, True, False, False)]
+    calls = [Call(client, stream, content) for client in ("sdk", "requests")
+             for stream, content in ((True, "a"), (True, "b"), (True, "c"), (False, "d"), (False, "retry"))]
     threads = launch(server, calls)
     hammer = Hammer(server)
     wait_in_flight(slow, calls)
@@ -219,6 +232,7 @@ def test_sigterm_lets_in_flight_streams_and_requests_finish(fake_upstream, make_
         assert row["status"] == ("complete" if call.stream else "ok"), row
         assert row["success"] == 1 and row["http_status"] == 200 and row["provider"] == "slow"
         assert row["output_tokens"] == 20  # the fake's usage (fakes.DEFAULT_USAGE): accounted to the end
+        assert row["retries"] == ("1/slow" if call.content == "retry" else None)
 
 
 def test_streams_outliving_graceful_timeout(fake_upstream, make_config, gunicorn_server, tmp_path: Path) -> None:

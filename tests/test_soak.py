@@ -63,7 +63,7 @@ from fakes import (
 )
 
 CLIENTS = 32
-SHORT_SECS, FULL_SECS = 7, 75  # the time new requests are started; draining and checks come on top
+SHORT_SECS, FULL_SECS = 5, 75  # the time new requests are started; draining and checks come on top
 REQUEST_TIMEOUT, IDLE_TIMEOUT = 3, 1.5
 CLIENT_TIMEOUT = 60  # generous: 32 clients share 16 gunicorn threads on a busy 2-core machine
 SETTLE_SECS = 30
