@@ -364,7 +364,7 @@ def warm_up(server: ArbstrServer, fakes: list[FakeUpstream]) -> None:
     """Bring the worker's thread pools to their working size: 32 concurrent slow answers occupy all 16
     gunicorn threads and as many retry-chain threads (non-streams run their chain in an executor)."""
     for fake in fakes:
-        fake.default = slow_headers(0.3)
+        fake.default = slow_headers(0.6)  # long enough that all 32 overlap, even on a busy machine
 
     def one(i: int) -> int:
         r = requests.post(server.url("/v1/chat/completions"), timeout=CLIENT_TIMEOUT,
@@ -494,9 +494,10 @@ def test_soak(seconds: float, request: pytest.FixtureRequest, fake_upstream: Cal
         if threads2 <= threads1 + THREAD_SLACK or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    db_mb = sum(f.stat().st_size for f in tmp_path.glob("arbstr.db*")) / 2**20
-    print(f"after the soak, idle: {threads2} threads, RSS {rss2 / 1024:.1f} MB "
-          f"(+{threads2 - threads1} threads, {(rss2 - rss1) / 1024:+.1f} MB since warm-up; database {db_mb:.1f} MB)")
+    db_mb, wal_mb = (f.stat().st_size / 2**20 if f.exists() else 0 for f in (tmp_path / "arbstr.db",
+                                                                            tmp_path / "arbstr.db-wal"))
+    print(f"after the soak, idle: {threads2} threads, RSS {rss2 / 1024:.1f} MB (+{threads2 - threads1} threads, "
+          f"{(rss2 - rss1) / 1024:+.1f} MB since warm-up; database {db_mb:.1f} MB + WAL {wal_mb:.1f} MB)")
     assert threads2 <= threads1 + THREAD_SLACK
     assert rss2 - rss1 < RSS_SLACK_KB
 
