@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import select
 import socket
 import threading
@@ -47,6 +48,10 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise bad_request(f"Request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:  # e.g. 100,000 '[': json's C scanner recurses per level
+        raise bad_request("Request body is not valid JSON: nested too deeply", code="invalid_json") from None
+    if _SURROGATE_ESCAPE.search(raw):
+        _encode(body)  # an unpaired surrogate is valid JSON grammar but no text: unloggable, unencodable
     if not isinstance(body, dict):
         raise bad_request("Request body must be a JSON object", code="invalid_body")
     if not isinstance(body.get("model"), str) or not body["model"]:
@@ -56,6 +61,28 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
+# Cheap pre-check for a surrogate, escaped or as (CESU-8) bytes, which json.loads lets through; _encode decides.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+def _encode(body: Any) -> bytes:
+    """``body`` as compact UTF-8 JSON; a 400 if it holds an unpaired surrogate or is too deep to re-encode."""
+    try:
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request("Request body is not valid JSON: it contains an unpaired UTF-16 surrogate escape "
+                          "(\\ud800-\\udfff)", code="invalid_json") from None
+    except RecursionError:
+        raise bad_request("Request body is not valid JSON: nested too deeply", code="invalid_json") from None
+
+
+def loggable(fields: dict[str, Any]) -> dict[str, Any]:
+    """Row values SQLite can store: an unpaired surrogate (a provider's JSON may escape one into an error
+    message) becomes its ``\\udXXX`` text instead of an exception on the log writer's thread."""
+    return {k: v.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(v, str) else v
+            for k, v in fields.items()}
+
+
 def stream_body(body: dict[str, Any]) -> tuple[bytes, bool]:
     """Upstream body for a stream (usage always requested) and whether the client asked for usage."""
     options = body.get("stream_options")
@@ -63,7 +90,7 @@ def stream_body(body: dict[str, Any]) -> tuple[bytes, bool]:
     wants_usage = options.get("include_usage") is True
     options.setdefault("include_usage", True)
     upstream = dict(body, stream_options=options)
-    return json.dumps(upstream, ensure_ascii=False, separators=(",", ":")).encode("utf-8"), wants_usage
+    return _encode(upstream), wants_usage
 
 
 class ChatRequest:
@@ -94,7 +121,7 @@ class ChatRequest:
 
     def insert(self, row: dict[str, Any]) -> None:
         self.logged = True
-        self.state.logstore.insert(row)
+        self.state.logstore.insert(loggable(row))
 
     def elapsed_ms(self) -> int:
         return int((time.perf_counter() - self.started) * 1000)
@@ -285,13 +312,13 @@ def _stream(chat: ChatRequest, body: dict[str, Any], candidates: list[Provider],
                 state.breakers.record(permit, "success" if ok else "failure", summary.error)
             if ok:
                 state.latency.add(provider.name, summary.duration_ms or 0)
-            state.logstore.update(chat.id, {
+            state.logstore.update(chat.id, loggable({
                 "status": summary.status, "success": ok, "input_tokens": input_tokens,
                 "output_tokens": output_tokens, "cost_sats": cost, "latency_ms": summary.duration_ms,
                 "ttft_ms": summary.ttft_ms, "stream_duration_ms": summary.duration_ms,
                 "error_type": None if ok else "upstream_error" if summary.status == "interrupted" else "client",
                 "error_message": summary.error if not ok else None,
-            })
+            }))
             log.info("request_id=%s model=%s provider=%s stream=%s ttft_ms=%s duration_ms=%s cost_sats=%s",
                      chat.id, chat.model, provider.name, summary.status, summary.ttft_ms, summary.duration_ms,
                      _fmt(cost))
@@ -327,6 +354,7 @@ def _fmt(cost: float | None) -> str:
 
 def _int_or_none(value: str | None) -> int | None:
     try:
-        return int(value) if value is not None else None
+        number = int(value) if value is not None else None
     except ValueError:
         return None
+    return number if number is None or 0 <= number < 2**63 else None  # the column is a SQLite INTEGER

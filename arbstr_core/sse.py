@@ -99,7 +99,10 @@ def is_usage_only(chunk: dict[str, Any]) -> bool:
 
 
 def data_event(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n\n"
+    # An unpaired surrogate (a provider may escape one into a chunk) can only sit inside a JSON string,
+    # where backslashreplace writes it back as the very escape it came in as: same JSON, valid UTF-8.
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    return b"data: " + text.encode("utf-8", "backslashreplace") + b"\n\n"
 
 
 def comment(text: str) -> bytes:

@@ -7,16 +7,18 @@ gunicorn can fork workers safely; the log writer starts lazily in each worker.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import socket
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
 
 from . import cost as costs
 from . import mock, proxy
 from .config import Config, load
-from .errors import ArbstrError
+from .errors import ArbstrError, bad_request
 from .logapi import logapi
 from .routing import match_policy, select_candidates
 from .state import AppState, Scrubber, build_state
@@ -25,6 +27,7 @@ from .upstream import Upstream
 log = logging.getLogger("arbstr")
 
 CHAT_PATH = "/v1/chat/completions"
+BODY_PATHS = (CHAT_PATH, "/v1/cost")  # the routes that read a request body
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type"}
 
 
@@ -112,6 +115,8 @@ def _register_hooks(app: Flask, state: AppState) -> None:
                 return error_response(ArbstrError(
                     401, "Missing or invalid API key: send Authorization: Bearer <server.auth_token>",
                     type="authentication_error", code="invalid_api_key"), state.scrub)
+        if request.method == "POST" and request.path in BODY_PATHS:
+            _receive_body(state.config.server.request_timeout_secs)
         return None
 
     @app.after_request
@@ -142,6 +147,41 @@ def _register_hooks(app: Flask, state: AppState) -> None:
                                           code="internal_error"), state.scrub)
 
 
+def _receive_body(idle_secs: float) -> None:
+    """Read the request body now (the views get it from Flask's cache), giving up with a 408 after
+    ``idle_secs`` without a byte from the client.
+
+    gunicorn's gthread worker reads a body with no timeout at all: a client that stalls mid-body (a
+    suspended laptop, a Wi-Fi link gone without a FIN) would hold a worker thread for good. The
+    timeout is per read, so it bounds silence, not a client deliberately trickling bytes.
+
+    Also a 413 for a chunked body over ``max_body_bytes``: werkzeug stops reading at the limit and
+    returns what it has, silently truncated.
+    """
+    sock = request.environ.get("gunicorn.socket")
+    if not isinstance(sock, socket.socket):
+        return  # not under gunicorn (Flask's test client): nothing can stall
+    before = sock.gettimeout()
+    sock.settimeout(idle_secs)
+    try:
+        data = request.get_data()
+        limit = request.max_content_length
+        if request.content_length is None and limit is not None and len(data) >= limit:
+            try:
+                more = request.environ["wsgi.input"].read(1)
+            except OSError as e:
+                raise ClientDisconnected() from e
+            if more:
+                raise RequestEntityTooLarge()
+    except ClientDisconnected as e:  # werkzeug turns every read error into this 400
+        if isinstance(e.__context__ or e.__cause__, TimeoutError):
+            raise ArbstrError(408, f"Request body not received: the client sent nothing for {idle_secs:g} s",
+                              code="request_timeout") from None
+        raise
+    finally:
+        sock.settimeout(before)
+
+
 def _register_routes(app: Flask, state: AppState) -> None:
     config = state.config
 
@@ -164,13 +204,19 @@ def _register_routes(app: Flask, state: AppState) -> None:
             is_available=state.breakers.is_available, median_latency=state.latency.median,
         )[0]
         input_tokens, output_tokens = costs.estimate_tokens(body)
+        try:
+            estimate = costs.cost_sats(provider, input_tokens, output_tokens)
+        except OverflowError:
+            estimate = math.inf
+        if not math.isfinite(estimate):  # would be a 500, or `Infinity`, which is not JSON
+            raise bad_request("max_tokens is too large to estimate a cost", param="max_tokens")
         return jsonify({
             "model": body["model"],
             "provider": provider.name,
             "policy": policy.name if policy else None,
             "estimated_input_tokens": input_tokens,
             "estimated_output_tokens": output_tokens,
-            "estimated_cost_sats": costs.cost_sats(provider, input_tokens, output_tokens),
+            "estimated_cost_sats": estimate,
             "rates": {"input_rate": provider.input_rate, "output_rate": provider.output_rate,
                       "base_fee": provider.base_fee},
         })
