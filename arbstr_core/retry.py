@@ -40,12 +40,23 @@ class AttemptResult:
 
 @dataclass
 class Attempts:
-    """Failed attempts per provider, in order: the ``x-arbstr-retries`` header and the log column."""
+    """Failed attempts per provider, in order: the ``x-arbstr-retries`` header and the log column.
+
+    Shared with the request thread, which reads it when the deadline passes: ``in_flight`` is the
+    provider of the attempt under way, whose request was sent and is being abandoned.
+    """
 
     counts: dict[str, int] = field(default_factory=dict)
+    in_flight: str | None = None
 
     def add(self, provider: str) -> None:
         self.counts[provider] = self.counts.get(provider, 0) + 1
+
+    def abandon(self) -> None:
+        """The deadline passed: the attempt in flight failed too."""
+        if self.in_flight is not None:
+            self.add(self.in_flight)
+            self.in_flight = None
 
     def header(self) -> str | None:
         return ", ".join(f"{n}/{p}" for p, n in self.counts.items()) or None
@@ -82,6 +93,7 @@ def run_chain(
     breakers: BreakerRegistry,
     cancel: threading.Event,
     deadline: float | None = None,
+    attempts: Attempts | None = None,
     clock: Callable[[], float] = time.monotonic,
     rand: Callable[[], float] = random.random,
 ) -> Outcome:
@@ -89,8 +101,9 @@ def run_chain(
 
     ``attempt(provider, time_left)`` is called with the seconds left before ``deadline`` (or None).
     Raises :class:`Abandoned` when ``cancel`` is set; the permit in hand is released unrecorded.
+    ``attempts``, if given, is filled in as the chain goes, for a caller that stops waiting for it.
     """
-    attempts = Attempts()
+    attempts = Attempts() if attempts is None else attempts
     last: tuple[Provider, AttemptResult] | None = None
     all_rate_limited = True
     retry_afters: list[float] = []
@@ -108,11 +121,14 @@ def run_chain(
             permit = breakers.acquire(provider.name)
             if permit is None:
                 break  # circuit opened (or its probe is taken) since the candidates were chosen
+            attempts.in_flight = provider.name
             try:
                 result = attempt(provider, left)
             except BaseException:
                 breakers.release(permit)
                 raise
+            finally:
+                attempts.in_flight = None
             if cancel.is_set():
                 breakers.release(permit)
                 result.close()

@@ -595,6 +595,27 @@ def test_real_event_cancellation_from_another_thread() -> None:
     assert len(outcome) == 1 and isinstance(outcome[0], Abandoned)
 
 
+def test_shared_attempts_show_the_attempt_in_flight_to_a_caller_that_stops_waiting(env: Env) -> None:
+    attempts = Attempts()
+    seen: list[str | None] = []
+
+    def attempt(p: Provider, left: float | None) -> AttemptResult:
+        seen.append(attempts.in_flight)
+        if len(seen) == 1:
+            return http(503)
+        attempts.abandon()  # what the request thread does when the deadline passes now
+        env.cancel.set()
+        return read_timeout()
+
+    with pytest.raises(Abandoned):
+        run_chain(CANDIDATES, attempt, retry=RetryConfig(), breakers=env.breakers, cancel=env.cancel,
+                  attempts=attempts, clock=env.clock)
+    assert seen == ["provider-alpha", "provider-alpha"]
+    assert attempts.header() == "2/provider-alpha" and attempts.in_flight is None
+    attempts.abandon()  # nothing in flight: nothing added
+    assert attempts.header() == "2/provider-alpha"
+
+
 # --- the x-arbstr-retries string ----------------------------------------------------------------
 
 
