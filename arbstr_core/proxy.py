@@ -27,7 +27,7 @@ from .config import PolicyRule, Provider
 from .errors import ArbstrError, bad_request
 from .failures import SUCCESS
 from .relay import StreamContext, StreamSummary, relay
-from .retry import Abandoned, Outcome, deadline_error, run_chain
+from .retry import Attempts, Outcome, deadline_error, run_chain
 from .routing import match_policy, select_candidates
 from .state import AppState
 
@@ -235,10 +235,11 @@ def _complete(chat: ChatRequest, raw: bytes, candidates: list[Provider]) -> Resp
     deadline = time.monotonic() + timeout
     cancel = threading.Event()
     caller = _caller(chat, raw, timeout)
+    attempts = Attempts()
 
     def chain() -> Outcome:
         outcome = run_chain(candidates, caller.json, retry=state.config.retry, breakers=state.breakers,
-                            cancel=cancel, deadline=deadline)
+                            cancel=cancel, deadline=deadline, attempts=attempts)
         if outcome.permit is not None:
             state.breakers.record(outcome.permit, SUCCESS)
         return outcome
@@ -249,9 +250,8 @@ def _complete(chat: ChatRequest, raw: bytes, candidates: list[Provider]) -> Resp
     except FutureTimeout:
         cancel.set()
         caller.cutoff.fire()  # the abandoned attempt closes its connection now, not at its next read
-        return chat.fail(deadline_error())
-    except Abandoned:  # pragma: no cover - only the deadline cancels a non-streaming chain
-        return chat.fail(deadline_error())
+        attempts.abandon()
+        return chat.fail(deadline_error(), Outcome(attempts))
     if outcome.error is not None:
         return chat.fail(outcome.error, outcome)
     assert outcome.provider is not None and outcome.result is not None

@@ -204,6 +204,23 @@ def test_deadline_gives_504_at_once_and_one_row(fake_upstream, make_config, guni
     assert db_rows(tmp_path / "arbstr.db", rid) == [(rid, 504)]
 
 
+def test_deadline_answer_names_every_attempt(fake_upstream, make_config, gunicorn_server, tmp_path) -> None:
+    slow, spare = fake_upstream(2)
+    slow.script(error(503), hang(30))
+    config = make_config([provider(slow, "slow"), provider(spare, "spare")], server={"request_timeout_secs": 2},
+                         circuit_breaker=NEVER_OPEN)
+    server = gunicorn_server(config)
+    r = server.chat(timeout=15)
+    assert r.status_code == 504 and len(slow.requests) == 2 and not spare.requests
+    # The 503 and the attempt the deadline abandoned (its request was sent: it may have been paid).
+    assert r.headers["x-arbstr-retries"] == "2/slow"
+    assert "x-arbstr-provider" not in r.headers
+    rid = r.headers["x-arbstr-request-id"]
+    assert server.stop() == 0
+    with sqlite3.connect(tmp_path / "arbstr.db") as db:
+        assert db.execute("SELECT retries FROM requests WHERE request_id = ?", (rid,)).fetchall() == [("2/slow",)]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Circuit breaker (§5.3, §4.6)
 
