@@ -65,6 +65,8 @@ class Totals:
     ttft_n: int = 0
     # model (case-folded) → [rows with a known cost, their input tokens, their output tokens, their cost]
     costed: dict[str, list[float]] = field(default_factory=dict)
+    # latency band (its lower edge, schema.sql latency_bands) → successful latencies in it
+    bands: dict[int, int] = field(default_factory=dict)
     percentiles: list[Any] = field(default_factory=lambda: [None, None, None])
 
     def add(self, model: str | None, sums: Sequence[Any]) -> None:
@@ -87,6 +89,9 @@ class Totals:
             for i, v in enumerate((costed, cin, cout, cost)):
                 acc[i] += v
 
+    def add_band(self, lo: int, n: int) -> None:
+        self.bands[lo] = self.bands.get(lo, 0) + n
+
     @classmethod
     def merge(cls, parts: Iterable[Totals]) -> Totals:
         out = cls()
@@ -108,6 +113,8 @@ class Totals:
                 acc[1] += cin
                 acc[2] += cout
                 acc[3] += cost
+            for lo, n in p.bands.items():
+                out.add_band(lo, n)
         return out
 
     def count(self, success: bool | None = None, streaming: bool | None = None) -> int:

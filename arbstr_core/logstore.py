@@ -2,9 +2,10 @@
 
 Requests never wait for SQLite. ``insert``/``update`` put an operation on a bounded ``queue.Queue``
 and return; when the queue is full the operation is dropped and counted (``/health`` shows it). The
-writer thread drains the queue in batched transactions. If the database cannot be opened or written
-it keeps its batch, reports ``db_ok = False`` and retries every ``retry_secs`` while the proxy keeps
-serving; operations wait in the queue up to its bound. ``close()``, also registered with ``atexit``
+writer thread drains the queue in batched transactions, each of which also folds its rows into the
+hourly totals (:func:`.logdb.roll_up`). If the database cannot be opened or written it keeps its
+batch, reports ``db_ok = False`` and retries every ``retry_secs`` while the proxy keeps serving;
+operations wait in the queue up to its bound. ``close()``, also registered with ``atexit``
 (gunicorn worker exit, Ctrl-C), drains the queue before the process exits.
 
 Nothing happens at construction: ``start()`` runs lazily in each gunicorn worker, because neither an
@@ -303,8 +304,7 @@ class LogStore:
         data = [op for op in ops if isinstance(op, tuple)]
         if data:
             try:
-                with logdb.transaction(conn):
-                    logdb.apply_ops(conn, data, self._token)
+                logdb.write(conn, data, self._token)
             except logdb.ROW_ERRORS:
                 self._one_by_one(conn, ops)
             else:
@@ -322,8 +322,7 @@ class LogStore:
             op = ops[0]
             if isinstance(op, tuple):
                 try:
-                    with logdb.transaction(conn):
-                        logdb.apply_op(conn, op, self._token)
+                    logdb.write(conn, [op], self._token)
                     with self._lock:
                         self._written += op[0] == "insert"
                 except logdb.ROW_ERRORS as e:

@@ -3,10 +3,10 @@
 Each call opens its own short-lived connection (never the writer's) and reads in one transaction, so
 counts, sums and percentiles describe the same snapshot; in WAL mode that never blocks the writer.
 
-Sized for a million rows: totals come from the ``requests_hourly`` rollup that schema.sql's triggers
-keep (only the partial hours at the edges of the range are summed from ``requests``), and latency
-percentiles either sort a small matching set or walk ``idx_requests_latency`` in latency order with
-``LIMIT 1 OFFSET k`` from whichever end is nearer.
+Sized for a million rows: totals come from the ``requests_hourly`` rollup (only the partial hours at
+the edges of the range, and rows newer than the rollup, are summed from ``requests``); latency
+percentiles come from index walks (:mod:`.percentiles`); a page sorted by cost merges the hours of
+``idx_requests_hour_cost`` (:mod:`.costorder`).
 
 Choices where SPEC is silent: time ranges are half-open, ``[since, until)``; latency averages and
 percentiles cover successful requests (an instant 400 or a 30 s timeout says nothing about speed);
@@ -29,10 +29,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
-from .aggregate import NONE_KEY, Totals, bucket_starts, group_key, percentile_ranks
+from . import costorder, percentiles
+from .aggregate import NONE_KEY, PERCENTILES, Totals, bucket_starts, group_key
 from .config import Provider
 from .errors import ArbstrError, bad_request
-from .logdb import format_utc
+from .logdb import BAND_OF_LATENCY, TIMED_OK, Where, expected_version, format_utc
 
 RANGES = {
     "last_1h": timedelta(hours=1),
@@ -45,7 +46,11 @@ GROUP_BY = ("model", "provider", "policy", "hour", "day")
 SORTS = ("timestamp", "cost_sats", "latency_ms")
 ORDERS = ("asc", "desc")
 MAX_PER_PAGE = 100
-SMALL_SET = 5000  # at most this many latencies (or 1/15 of the table) are sorted instead of walking the index
+# Percentiles of at most SMALL_SET latencies, or of 1/SORT_SHARE of the table, are sorted in Python:
+# cheaper than a walk through the table's rows in a latency band.
+SMALL_SET = 5000
+SORT_SHARE = 50
+READER_MMAP_BYTES = 1 << 30  # readers map the file: no copy per page, and the OS cache is shared
 
 _ROW_COLUMNS = (
     "request_id, timestamp, model, provider, policy, streaming, status, success, http_status, input_tokens, "
@@ -205,9 +210,15 @@ def _reader(db_path: str) -> Iterator[sqlite3.Connection | None]:
         raise _unavailable(e) from None
     try:
         conn.execute("PRAGMA query_only = ON")
+        conn.execute(f"PRAGMA mmap_size = {READER_MMAP_BYTES}")
         conn.execute("BEGIN")
-        ready = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'requests_hourly'").fetchone()
-        yield conn if ready else None  # no schema yet: the writer has not started
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if 0 < version < expected_version():
+            raise ArbstrError(
+                503, f"request log {db_path} has schema version {version}; start arbstr once to upgrade it",
+                type="server_error", code="log_outdated",
+            )
+        yield conn if version else None  # no schema yet: the writer has not started
     except sqlite3.Error as e:
         raise _unavailable(e) from None
     finally:
@@ -222,62 +233,83 @@ def _hour_floor(dt: datetime) -> datetime:
     return dt.replace(minute=0, second=0, microsecond=0)
 
 
-def _totals(conn: sqlite3.Connection, f: Filters, group_by: str | None) -> dict[str, Totals]:
-    """Sum whole hours from the rollup and the partial hours at both edges from the rows themselves."""
+def _add_sums(t: Totals, row: Sequence[Any]) -> None:
+    t.add(row[1], row[2:])
+
+
+def _add_band(t: Totals, row: Sequence[Any]) -> None:
+    t.add_band(row[1], row[2])
+
+
+# Per group (``key``): sums, then latency bands; from the hourly tables, and from the rows themselves.
+_FROM_ROLLUP = (
+    (f"SELECT {{key}}, model, {_ROLLUP_SUMS} FROM requests_hourly WHERE {{cond}} GROUP BY 1, 2", _add_sums),
+    ("SELECT {key}, band, SUM(n) FROM requests_latency_hourly WHERE {cond} GROUP BY 1, 2", _add_band),
+)
+_FROM_ROWS = (
+    (f"SELECT {{key}}, COALESCE(model, '') COLLATE NOCASE, {_RAW_SUMS} FROM {{source}} WHERE {{cond}} GROUP BY 1, 2",
+     _add_sums),
+    (f"SELECT {{key}}, {BAND_OF_LATENCY}, COUNT(*) FROM {{source}} WHERE {{cond}} AND {TIMED_OK} GROUP BY 1, 2", _add_band),
+)
+
+
+def _totals(conn: sqlite3.Connection, f: Filters, group_by: str | None, bands: bool = True) -> dict[str, Totals]:
+    """Sums (and latency bands) per group: whole hours from the hourly tables, the rest from requests."""
     roll_key, raw_key = _GROUP_SQL[group_by]
+    rollup, raw = _split(conn, f)
+    parts = 2 if bands else 1
+    jobs = []
+    if rollup:
+        jobs += [(sql.format(key=roll_key, cond=rollup[0]), rollup[1], add) for sql, add in _FROM_ROLLUP[:parts]]
+    for source, cond, params in raw:
+        jobs += [(sql.format(key=raw_key, source=source, cond=cond), params, add) for sql, add in _FROM_ROWS[:parts]]
+    out: dict[str, Totals] = {}
+    for sql, params, add in jobs:
+        for row in conn.execute(sql, params):
+            key = group_key(row[0])
+            add(out.setdefault(key.casefold(), Totals(label=key)), row)
+    return out
+
+
+def _split(conn: sqlite3.Connection, f: Filters) -> tuple[Where | None, list[tuple[str, str, list[Any]]]]:
+    """Where the range's rows are: whole hours in the hourly tables (a condition over them), except the
+    rows newer than those tables; these and the partial hours at both edges in requests (source,
+    condition, parameters)."""
     first_full = _hour_floor(f.since) if f.since == _hour_floor(f.since) else _hour_floor(f.since) + timedelta(hours=1)
     last_full = _hour_floor(f.until)
-    raw_ranges = [(f.since, f.until)]
-    out: dict[str, Totals] = {}
-    if first_full < last_full:
-        raw_ranges = [(f.since, first_full), (last_full, f.until)]
-        clauses, params = ["hour >= ?", "hour < ?"], [format_utc(first_full)[:13], format_utc(last_full)[:13]]
-        for col in ("model", "provider", "policy"):
-            if getattr(f, col) is not None:
-                clauses.append(f"{col} = ?")
-                params.append(getattr(f, col))
-        sql = (
-            f"SELECT {roll_key}, model, {_ROLLUP_SUMS} FROM requests_hourly WHERE {' AND '.join(clauses)} "
-            "GROUP BY 1, 2"
-        )
-        for row in conn.execute(sql, params):
-            _add(out, row)
-    for start, end in raw_ranges:
-        if start < end:
-            where, params = f.where(start, end)
-            sql = f"SELECT {raw_key}, COALESCE(model, '') COLLATE NOCASE, {_RAW_SUMS} FROM requests WHERE {where} GROUP BY 1, 2"
-            for row in conn.execute(sql, params):
-                _add(out, row)
-    return out
+    if first_full >= last_full:
+        return None, [("requests", *f.where())]
+    upto = conn.execute("SELECT upto FROM rollup_state").fetchone()[0]
+    clauses, params = ["hour >= ?", "hour < ?"], [format_utc(first_full)[:13], format_utc(last_full)[:13]]
+    for col in ("model", "provider", "policy"):
+        if getattr(f, col) is not None:
+            clauses.append(f"{col} = ?")
+            params.append(getattr(f, col))
+    cond, tail_params = f.where(first_full, last_full)
+    # The rows newer than the hourly tables are the last few ids: NOT INDEXED keeps SQLite on the rowid.
+    raw = [("requests NOT INDEXED", f"id > ? AND {cond}", [upto, *tail_params])]
+    raw += [("requests", *f.where(start, end)) for start, end in ((f.since, first_full), (last_full, f.until)) if start < end]
+    return (" AND ".join(clauses), params), raw
 
 
-def _add(out: dict[str, Totals], row: Sequence[Any]) -> None:
-    key = group_key(row[0])
-    out.setdefault(key.casefold(), Totals(label=key)).add(row[1], row[2:])
+def _percentiles(conn: sqlite3.Connection, where: Where, t: Totals, table_rows: int) -> list[Any]:
+    """Nearest-rank p50/p95/p99 of the successful latencies matching ``where``, which ``t`` totals."""
+    if t.latency_n <= 0:
+        return [None] * len(PERCENTILES)
+    if t.latency_n <= max(SMALL_SET, table_rows // SORT_SHARE):
+        return percentiles.by_sorting(conn, where)
+    return percentiles.in_bands(conn, where, t.bands)
 
 
-def _percentiles(conn: sqlite3.Connection, where: str, params: list[Any], n: int, table_rows: int) -> list[Any]:
-    """Nearest-rank p50/p95/p99 of successful latencies matching ``where`` (``n`` of them)."""
-    if n <= 0:
-        return [None, None, None]
-    if n <= max(SMALL_SET, table_rows // 15):
-        # '+' keeps the planner on the time/name indexes that narrow the set, then sort it here.
-        sql = f"SELECT latency_ms FROM requests WHERE {where} AND +success = 1 AND +latency_ms IS NOT NULL"
-        values = sorted(r[0] for r in conn.execute(sql, params))
-        return [values[k] if values else None for k in percentile_ranks(len(values))]
-    out = []
-    for k in percentile_ranks(n):
-        ascending = k <= n - 1 - k
-        sql = (
-            f"SELECT latency_ms FROM requests INDEXED BY idx_requests_latency WHERE latency_ms IS NOT NULL "
-            f"AND success = 1 AND {where} ORDER BY latency_ms {'ASC' if ascending else 'DESC'} LIMIT 1 OFFSET ?"
-        )
-        row = conn.execute(sql, [*params, k if ascending else n - 1 - k]).fetchone()
-        out.append(row[0] if row else None)
-    return out
+def _bucket_percentiles(conn: sqlite3.Connection, f: Filters, group_by: str, t: Totals, table_rows: int) -> list[Any]:
+    """A group's percentiles; an hour walks its own rows in the hourly latency index."""
+    where = _group_where(f, group_by, t.label)
+    if group_by == "hour" and t.latency_n > 0:
+        return percentiles.in_hour(conn, t.label, where, t.latency_n)
+    return _percentiles(conn, where, t, table_rows)
 
 
-def _group_where(f: Filters, group_by: str, key: str) -> tuple[str, list[Any]]:
+def _group_where(f: Filters, group_by: str, key: str) -> Where:
     if group_by in ("hour", "day"):
         start = datetime.fromisoformat(key + (":00:00+00:00" if group_by == "hour" else "T00:00:00+00:00"))
         end = start + (timedelta(hours=1) if group_by == "hour" else timedelta(days=1))
@@ -304,10 +336,9 @@ def stats(
             table_rows = conn.execute(_TABLE_ROWS).fetchone()[0]
             totals = _totals(conn, f, group_by)
             overall = Totals.merge(totals.values())
-            where, params = f.where()
-            overall.percentiles = _percentiles(conn, where, params, overall.latency_n, table_rows)
+            overall.percentiles = _percentiles(conn, f.where(), overall, table_rows)
             for t in totals.values() if group_by else ():
-                t.percentiles = _percentiles(conn, *_group_where(f, group_by, t.label), t.latency_n, table_rows)
+                t.percentiles = _bucket_percentiles(conn, f, group_by, t, table_rows)
     result.update(overall.document(rates))
     if group_by in ("hour", "day"):
         result["groups"] = [
@@ -347,7 +378,7 @@ def _row(r: sqlite3.Row | Sequence[Any]) -> dict[str, Any]:
 
 def _count(conn: sqlite3.Connection, f: Filters) -> int:
     """Matching rows, from the rollup: it counts successes, streams and successful streams."""
-    t = Totals.merge(_totals(conn, replace(f, success=None, streaming=None), None).values())
+    t = Totals.merge(_totals(conn, replace(f, success=None, streaming=None), None, bands=False).values())
     return t.count(f.success, f.streaming)
 
 
@@ -364,16 +395,37 @@ def list_requests(db_path: str, args: Mapping[str, str], now: datetime | None = 
     with _reader(db_path) as conn:
         if conn is not None:
             total = _count(conn, f)
-            index = ""
-            if sort != "timestamp" and total:
-                # Walking the sort column's index visits about (offset + per_page) * table / total entries;
-                # sorting visits total rows. The planner cannot know which is cheaper, so say so.
-                table_rows = conn.execute(_TABLE_ROWS).fetchone()[0]
-                if (offset + per_page) * table_rows < total * total:
-                    index = f"INDEXED BY idx_requests_{'cost' if sort == 'cost_sats' else 'latency'}"
-            sql = f"SELECT {_ROW_COLUMNS} FROM requests {index} WHERE {where} ORDER BY {order_by} LIMIT ? OFFSET ?"
-            data = [_row(r) for r in conn.execute(sql, [*params, per_page, offset])] if offset < total else []
+            if offset < total and sort == "cost_sats":
+                ids = costorder.page_ids(conn, _hours(conn, f), (where, params), order == "desc", offset, per_page)
+                data = _rows_by_id(conn, ids)
+            elif offset < total:
+                index = ""
+                if sort == "latency_ms":
+                    # Walking the latency index visits about (offset + per_page) * table / total entries;
+                    # sorting visits total rows. The planner cannot know which is cheaper, so say so.
+                    table_rows = conn.execute(_TABLE_ROWS).fetchone()[0]
+                    if (offset + per_page) * table_rows < total * total:
+                        index = "INDEXED BY idx_requests_latency"
+                sql = f"SELECT {_ROW_COLUMNS} FROM requests {index} WHERE {where} ORDER BY {order_by} LIMIT ? OFFSET ?"
+                data = [_row(r) for r in conn.execute(sql, [*params, per_page, offset])]
     return {"data": data, "page": page, "per_page": per_page, "total": total, "total_pages": math.ceil(total / per_page)}
+
+
+def _hours(conn: sqlite3.Connection, f: Filters) -> list[str]:
+    """The hours of [since, until) that hold rows: the rollup's, and those of rows newer than it."""
+    upto = conn.execute("SELECT upto FROM rollup_state").fetchone()[0]
+    since, until = format_utc(f.since), format_utc(f.until)
+    sql = (
+        "SELECT hour FROM requests_hourly WHERE hour >= ? AND hour <= ? UNION "
+        "SELECT substr(timestamp, 1, 13) FROM requests NOT INDEXED WHERE id > ? AND timestamp >= ? AND timestamp < ?"
+    )
+    return [r[0] for r in conn.execute(sql, [since[:13], until[:13], upto, since, until])]
+
+
+def _rows_by_id(conn: sqlite3.Connection, ids: Sequence[int]) -> list[dict[str, Any]]:
+    sql = f"SELECT {_ROW_COLUMNS}, id FROM requests WHERE id IN ({', '.join('?' * len(ids))})"
+    rows = {r[-1]: r for r in conn.execute(sql, ids)}
+    return [_row(rows[i]) for i in ids]
 
 
 def get_request(db_path: str, request_id: str) -> dict[str, Any] | None:

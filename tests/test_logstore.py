@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from arbstr_core import logdb, logstore
+from arbstr_core import logdb, logstore, queries
+from arbstr_core.errors import ArbstrError
 from arbstr_core.logstore import LogStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,12 +71,13 @@ def wait_for(condition, timeout: float = 10.0) -> None:
 
 
 def rollup_is_consistent(path: Path) -> bool:
-    """requests_hourly, kept by triggers, equals a recomputation from the rows."""
+    """The hourly tables, kept by the writer and triggers, equal a recomputation from the rows."""
     conn = sqlite3.connect(path, isolation_level=None)
+    tables = ("requests_hourly", "requests_latency_hourly", "rollup_state")
     try:
-        kept = sorted(conn.execute("SELECT * FROM requests_hourly").fetchall())
+        kept = [sorted(conn.execute(f"SELECT * FROM {t}").fetchall()) for t in tables]
         logdb.rebuild_rollup(conn)
-        rebuilt = sorted(conn.execute("SELECT * FROM requests_hourly").fetchall())
+        rebuilt = [sorted(conn.execute(f"SELECT * FROM {t}").fetchall()) for t in tables]
     finally:
         conn.close()
     return kept == rebuilt
@@ -352,3 +354,48 @@ def test_schema_copies_agree() -> None:
     packaged = ROOT / "arbstr_core" / "schema.sql"
     if packaged.exists():
         assert packaged.read_bytes() == (ROOT / "schema.sql").read_bytes()
+
+
+def test_rollup_keeps_up_when_the_newest_rows_go(db: Path) -> None:
+    """Deleting the newest rows lets SQLite reuse their ids; the rollup must count the new rows anyway."""
+    conn = logdb.open_writer(str(db))
+    logdb.write(conn, [("insert", row(i, latency_ms=3 * i, success=i % 3 > 0)) for i in range(50)], "w")
+    conn.execute("DELETE FROM requests WHERE id > 40")
+    logdb.write(conn, [("insert", row(i, latency_ms=0.5 * i)) for i in range(100, 120)], "w")
+    assert conn.execute("SELECT MIN(id) FROM requests WHERE id > 40").fetchone()[0] == 41  # reused
+    conn.execute("DELETE FROM requests")
+    logdb.write(conn, [("insert", row(i)) for i in range(200, 205)], "w")
+    conn.close()
+    assert count(db) == 5
+    assert rollup_is_consistent(db)
+
+
+def test_version_1_database_is_upgraded(db: Path) -> None:
+    """A log written by the previous schema opens: new tables and indexes, totals recomputed, reads work."""
+    conn = logdb.open_writer(str(db))
+    logdb.write(conn, [("insert", row(i)) for i in range(30)], "w")
+    for stmt in (  # what version 1 had instead
+        "DROP TABLE rollup_state", "DROP TABLE requests_latency_hourly", "DROP TABLE latency_bands",
+        "DROP INDEX idx_requests_hour_cost", "DROP INDEX idx_requests_hour_latency",
+        "CREATE INDEX idx_requests_cost ON requests (cost_sats, timestamp)",
+        "CREATE TRIGGER requests_hourly_insert AFTER INSERT ON requests BEGIN SELECT 1; END",
+        "PRAGMA user_version = 1",
+    ):
+        conn.execute(stmt)
+    conn.close()
+    with pytest.raises(ArbstrError) as err:  # readers do not guess at an old layout
+        queries.list_requests(str(db), {})
+    assert (err.value.status, err.value.code) == (503, "log_outdated")
+
+    store = LogStore(str(db))
+    store.start()
+    store.insert(row(99))
+    store.close()
+    conn = sqlite3.connect(db)
+    objects = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == logdb.expected_version() == 2
+    conn.close()
+    assert {"rollup_state", "requests_latency_hourly", "idx_requests_hour_cost"} <= objects
+    assert not {"idx_requests_cost", "requests_hourly_insert"} & objects
+    assert queries.list_requests(str(db), {"per_page": "100"})["total"] == 31
+    assert rollup_is_consistent(db)

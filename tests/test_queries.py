@@ -64,32 +64,41 @@ def make_rows(n: int = 1500, seed: int = 7) -> list[dict[str, Any]]:
     return rows
 
 
-def write(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Through the writer's SQL (so the rollup triggers run); streams go in as 'streaming' and are updated."""
+def write(path: Path, rows: list[dict[str, Any]], rolled_up: int) -> None:
+    """Through the writer's SQL; streams go in as 'streaming' and are updated when they end.
+
+    The first ``rolled_up`` rows are folded into the hourly tables before their streams end (so the
+    update triggers move them); the others stay newer than the hourly tables, which readers then add.
+    """
     conn = logdb.open_writer(str(path))
     with logdb.transaction(conn):
-        for r in rows:
-            if r["streaming"]:
+        for fold, part in ((True, rows[:rolled_up]), (False, rows[rolled_up:])):
+            for r in part:
                 start = {**r, "status": "streaming", "success": False, "cost_sats": None, "input_tokens": None,
                          "output_tokens": None, "latency_ms": None, "ttft_ms": None, "stream_duration_ms": None}
-                logdb.apply_op(conn, ("insert", start), "test")
-                logdb.apply_op(conn, ("update", r["request_id"], {k: r[k] for k in r if k != "request_id"}), "test")
-            else:
-                logdb.apply_op(conn, ("insert", r), "test")
+                logdb.apply_op(conn, ("insert", start if r["streaming"] else r), "test")
+            if fold:
+                logdb.roll_up(conn)
+            for r in part:
+                if r["streaming"]:
+                    logdb.apply_op(conn, ("update", r["request_id"], {k: r[k] for k in r if k != "request_id"}), "test")
+        assert conn.execute("SELECT upto FROM rollup_state").fetchone()[0] == rolled_up
     conn.close()
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[dict[str, Any]]]:
+@pytest.fixture(scope="module", params=["rolled-up", "half-rolled-up", "not-rolled-up"])
+def dataset(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[dict[str, Any]]]:
     path = tmp_path_factory.mktemp("q") / "log.db"
     rows = make_rows()
-    write(path, rows)
+    write(path, rows, {"rolled-up": len(rows), "half-rolled-up": len(rows) // 2, "not-rolled-up": 0}[request.param])
     return str(path), rows
 
 
 @pytest.fixture(params=["sorted-in-python", "index-walk"])
 def percentile_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(queries, "SMALL_SET", 10**9 if request.param == "sorted-in-python" else 0)
+    if request.param == "index-walk":
+        monkeypatch.setattr(queries, "SORT_SHARE", 10**9)  # whatever the table's size, every set is walked
 
 
 # ---- independent expectations --------------------------------------------------------------------
@@ -286,6 +295,25 @@ def test_list_sorts_and_pages(dataset, sort, order, page) -> None:
     assert [r["request_id"] for r in doc["data"]] == want
     assert (doc["page"], doc["per_page"], doc["total"]) == (page, 25, len(chosen))
     assert doc["total_pages"] == math.ceil(len(chosen) / 25)
+
+
+@pytest.mark.parametrize("order", ["asc", "desc"])
+@pytest.mark.parametrize("filters", [{}, {"success": "true"}, {"model": "gpt-4o", "streaming": "false"}])
+def test_list_by_cost_pages_into_unknown_costs(dataset, order, filters) -> None:
+    """Pages around the last known cost, where the merged hours give way to rows of unknown cost."""
+    path, rows = dataset
+    flags = {k: filters[k] == "true" for k in ("success", "streaming") if k in filters}
+    keep = {r["request_id"] for r in select(rows, NOW - timedelta(days=30), NOW, model=filters.get("model"), **flags)}
+    chosen = [(i, r) for i, r in enumerate(rows) if r["request_id"] in keep]
+    want = [r["request_id"] for _, r in sorted(chosen, key=order_key("cost_sats", order))]
+    known = sum(r["cost_sats"] is not None for _, r in chosen)
+    assert 0 < known < len(chosen)
+    per_page = 7
+    for page in range(known // per_page, known // per_page + 3):
+        args = {**filters, "range": "last_30d", "sort": "cost_sats", "order": order, "page": str(page + 1),
+                "per_page": str(per_page)}
+        doc = queries.list_requests(path, args, now=NOW)
+        assert [r["request_id"] for r in doc["data"]] == want[page * per_page: (page + 1) * per_page], page
 
 
 @pytest.mark.parametrize("filters", [{"success": "false"}, {"streaming": "true"}, {"success": "true", "streaming": "false"},
