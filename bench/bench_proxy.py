@@ -13,8 +13,10 @@ bench/.litellm-venv and run with its remote fetches and telemetry off and any no
 pointed at a dead local proxy. wrk (Debian: ``apt-get install -y wrk``) drives it, one thread, at 1, 8
 and 32 keep-alive connections. Streams are timed with bench_stream's raw-socket client.
 
-Targets are printed beside the figures, never asserted. The machine is shared: the load average is
-printed before and after.
+All proxies run side by side (idle when not measured: LiteLLM idles at ~3 % of a core) and each load
+level is measured on every target in turn, so a change in the shared machine's load shifts the columns
+alike; the load average is printed with every figure. Targets are printed beside the figures, never
+asserted. The default run takes about 6-10 minutes; ``--quick`` about 3.
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ from harness import (
     HOST,
     ROOT,
     Server,
+    arbstr_revision,
     arbstr_server,
+    bare_server,
     free_port,
     machine_note,
     write_arbstr_config,
@@ -54,6 +58,7 @@ BENCH = ROOT / "bench"
 LITELLM_VENV = BENCH / ".litellm-venv"
 LITELLM_MODULES = ("litellm", "fastapi", "uvicorn", "backoff", "orjson", "apscheduler")
 STREAM_SHAPE = "/n20/ms20/v1"  # SSE answers: 20 content events, 20 ms apart (see fake_upstream.Shape)
+UPSTREAM_PATH = STREAM_SHAPE + "/chat/completions"  # the bare forwarder passes its path on unchanged
 LEVELS = (1, 8, 32)
 RSS_REQUESTS = 10_000
 TARGETS = ("direct", "bare", "arbstr", "litellm")
@@ -90,10 +95,11 @@ class Settings:
     streams: int
     startups: int  # arbstr starts timed, the one benchmarked included
     rss_requests: int
+    rss_max_seconds: int  # LiteLLM serves tens of requests/s here: its memory phase stops at this instead
 
 
-DEFAULT = Settings(seconds=10, warmup_seconds=2, streams=20, startups=3, rss_requests=RSS_REQUESTS)
-QUICK = Settings(seconds=3, warmup_seconds=1, streams=5, startups=2, rss_requests=2_000)
+DEFAULT = Settings(seconds=10, warmup_seconds=2, streams=20, startups=3, rss_requests=RSS_REQUESTS, rss_max_seconds=90)
+QUICK = Settings(seconds=3, warmup_seconds=1, streams=5, startups=2, rss_requests=2_000, rss_max_seconds=20)
 
 
 class Wrk:
@@ -114,14 +120,15 @@ class Wrk:
         return {"rps": r["requests"] / (r["duration_us"] / 1e6), "p50_ms": r["p50_us"] / 1000,
                 "p99_ms": r["p99_us"] / 1000, "requests": r["requests"], "errors": r["errors"]}
 
-    def at_least(self, url: str, connections: int, requests: int, rate: float) -> int:
-        """Send at least ``requests`` requests; returns how many. wrk only knows durations, so each run
-        lasts as long as the rest should take at the last measured rate."""
-        done = 0
-        while done < requests:
-            result = self.run(url, connections, max(1, math.ceil((requests - done) / max(rate, 1.0))))
+    def at_least(self, url: str, connections: int, requests: int, rate: float, max_seconds: int) -> int:
+        """Send ``requests`` requests or more, unless that takes over ``max_seconds``; returns how many.
+        wrk only knows durations, so each run lasts as long as the rest should take at the last rate."""
+        done, left = 0, max_seconds
+        while done < requests and left > 0:
+            seconds = min(left, max(1, math.ceil((requests - done) / max(rate, 1.0))))
+            result = self.run(url, connections, seconds)
             done += int(result["requests"])
-            rate = result["rps"]
+            rate, left = result["rps"], left - seconds
         return done
 
 
@@ -174,39 +181,25 @@ def litellm_server(cli: Path, upstream_base: str, tmp: Path) -> Server:
     return Server("LiteLLM", argv, port, tmp / "litellm.log", env=LITELLM_ENV, cwd=tmp)
 
 
-def bare_server(upstream: str, tmp: Path, config: Path) -> Server:
-    port = free_port()
-    argv = [sys.executable, "-m", "gunicorn", "bare_forwarder:app", "-c", str(ROOT / "gunicorn.conf.py"),
-            "--bind", f"{HOST}:{port}"]
-    return Server("bare", argv, port, tmp / "bare.log", cwd=BENCH,
-                  env={"BENCH_UPSTREAM": upstream, "ARBSTR_CONFIG": str(config)})
-
-
-def measure(target: Target, wrk: Wrk, settings: Settings, up_port: int) -> dict[str, Any]:
-    """Memory before/after a fixed number of requests (proxies only), then each load level, then streams."""
-    out: dict[str, Any] = {}
-    server = target.server
-    print(f"  {target.name}: warm-up", flush=True)
+def memory(target: Target, wrk: Wrk, settings: Settings) -> dict[str, Any]:
+    """Worker RSS after warm-up and after a fixed number of requests."""
+    assert target.server is not None
+    print(f"  {target.name}: warm-up, then {settings.rss_requests} requests for memory", flush=True)
     warm = wrk.run(target.url, 8, settings.warmup_seconds)
-    if server is not None:
-        out["rss_warm_mb"] = server.rss_mb()
-        print(f"  {target.name}: {settings.rss_requests} requests for memory", flush=True)
-        out["rss_requests"] = wrk.at_least(target.url, 8, settings.rss_requests, warm["rps"])
-        out["rss_after_n_mb"] = server.rss_mb()
-        out["rss_growth_mb"] = out["rss_after_n_mb"] - out["rss_warm_mb"]
-    for c in LEVELS:
-        print(f"  {target.name}: c={c}", flush=True)
-        wrk.run(target.url, c, 1)  # open this level's connections before timing
-        out[f"c{c}"] = wrk.run(target.url, c, settings.seconds)
-    print(f"  {target.name}: {settings.streams} streams", flush=True)
+    out: dict[str, Any] = {"rss_warm_mb": target.server.rss_mb()}
+    out["rss_requests"] = wrk.at_least(target.url, 8, settings.rss_requests, warm["rps"], settings.rss_max_seconds)
+    out["rss_after_n_mb"] = target.server.rss_mb()
+    out["rss_growth_mb"] = out["rss_after_n_mb"] - out["rss_warm_mb"]
+    return out
+
+
+def streams(target: Target, direct: Target, count: int) -> dict[str, float]:
+    """Stream timings through ``target``, each stream paired with one read directly just before it."""
     body = chat_body("gpt-4o")
-    pair = {"direct": (up_port, STREAM_SHAPE + "/chat/completions", body)}
+    pair = {"direct": (direct.port, direct.path, body)}
     if target.name != "direct":
         pair[target.name] = (target.port, target.path, body)
-    out["stream"] = summarize(run_streams(pair, settings.streams))[target.name]
-    if server is not None:
-        out["rss_end_mb"] = server.rss_mb()
-    return out
+    return summarize(run_streams(pair, count))[target.name]
 
 
 def arbstr_startups(config: Path, tmp: Path, count: int) -> list[float]:
@@ -221,47 +214,65 @@ def arbstr_startups(config: Path, tmp: Path, count: int) -> list[float]:
     return times
 
 
+def start_targets(servers: dict[str, Server], up_port: int, results: dict[str, Any]) -> list[Target]:
+    """Start every proxy (a LiteLLM that will not start is left out, with the reason printed)."""
+    targets = [Target("direct", up_port, UPSTREAM_PATH)]
+    for name, server in servers.items():
+        print(f"starting {name}", flush=True)
+        try:
+            results.setdefault("startup_s", {})[name] = server.start(timeout=180)
+        except RuntimeError as e:
+            if name != "litellm":
+                raise
+            print(f"LiteLLM column skipped: {e}")
+            continue
+        targets.append(Target(name, server.port, UPSTREAM_PATH if name == "bare" else CHAT_PATH, server))
+    return targets
+
+
+def measure_all(results: dict[str, Any], settings: Settings, tmp: Path, up_port: int, cli: Path | None) -> None:
+    """All proxies run side by side (idle when not measured), and each load level is measured on every
+    target in turn, so a change in the shared machine's load shifts the columns alike."""
+    base = f"http://{HOST}:{up_port}"
+    config = write_arbstr_config(tmp, [("fake", base + STREAM_SHAPE, ["gpt-4o"])])
+    wrk = Wrk(tmp)
+    servers = {"bare": bare_server(base, config, tmp / "bare.log"),
+               "arbstr": arbstr_server(config, free_port(), tmp / "arbstr.log")}
+    if cli is not None:
+        servers["litellm"] = litellm_server(cli, base + STREAM_SHAPE, tmp)
+    try:
+        targets = start_targets(servers, up_port, results)
+        for t in targets:
+            results[t.name] = memory(t, wrk, settings) if t.server is not None else {}
+        for c in LEVELS:
+            for t in targets:
+                wrk.run(t.url, c, 1)  # open this level's connections before timing
+                results[t.name][f"c{c}"] = r = wrk.run(t.url, c, settings.seconds)
+                print(f"  c={c:<2} {t.name:8} {r['rps']:8.0f} req/s  p50 {r['p50_ms']:7.2f} ms  "
+                      f"p99 {r['p99_ms']:7.2f} ms  ({machine_note()})", flush=True)
+        for t in targets:
+            print(f"  {t.name}: {settings.streams} streams", flush=True)
+            results[t.name]["stream"] = streams(t, targets[0], settings.streams)
+            if t.server is not None:
+                results[t.name]["rss_end_mb"] = t.server.rss_mb()
+    finally:
+        for server in servers.values():
+            server.stop()
+    print("arbstr: fresh starts", flush=True)
+    first = results.get("startup_s", {}).get("arbstr")
+    results["arbstr_startups_s"] = [first, *arbstr_startups(config, tmp, settings.startups - 1)]
+
+
 def run(settings: Settings, with_litellm: bool) -> dict[str, Any]:
     if shutil.which("wrk") is None:
         sys.exit("bench_proxy needs wrk: apt-get install -y wrk")
     cli = litellm_cli() if with_litellm else None
-    results: dict[str, Any] = {"machine_before": machine_note()}
+    results: dict[str, Any] = {"arbstr_revision": arbstr_revision(), "machine_before": machine_note()}
     with tempfile.TemporaryDirectory(prefix="arbstr-bench-proxy-") as tmp_name:
         tmp = Path(tmp_name)
         upstream, up_port = fake_upstream.start(tmp)
-        base = f"http://{HOST}:{up_port}"
-        config = write_arbstr_config(tmp, [("fake", base + STREAM_SHAPE, ["gpt-4o"])])
-        wrk = Wrk(tmp)
-        makers: dict[str, Callable[[], Server] | None] = {
-            "direct": None,
-            "bare": lambda: bare_server(base, tmp, config),
-            "arbstr": lambda: arbstr_server(config, free_port(), tmp / "arbstr.log"),
-        }
-        if cli is not None:
-            makers["litellm"] = lambda: litellm_server(cli, base + STREAM_SHAPE, tmp)
         try:
-            for name, make in makers.items():
-                server = make() if make is not None else None
-                target = Target(name, up_port, STREAM_SHAPE + "/chat/completions")
-                if server is not None:
-                    print(f"starting {name}", flush=True)
-                    try:
-                        results.setdefault("startup_s", {})[name] = server.start(timeout=180)
-                    except RuntimeError as e:
-                        if name != "litellm":
-                            raise
-                        print(f"LiteLLM column skipped: {e}")
-                        continue
-                    path = STREAM_SHAPE + "/chat/completions" if name == "bare" else CHAT_PATH
-                    target = Target(name, server.port, path, server)
-                try:
-                    results[name] = measure(target, wrk, settings, up_port)
-                finally:
-                    if server is not None:
-                        server.stop()
-            print("arbstr fresh starts", flush=True)
-            first = results.get("startup_s", {}).get("arbstr")
-            results["arbstr_startups_s"] = [first, *arbstr_startups(config, tmp, settings.startups - 1)]
+            measure_all(results, settings, tmp, up_port, cli)
         finally:
             upstream.kill()
             upstream.wait()
@@ -311,8 +322,8 @@ def evaluate(results: dict[str, Any]) -> tuple[list[list[Any]], list[dict[str, A
         rows.append([label, *(None if t == "direct" and "overhead" in key else get(t, "stream", key)
                               for t in TARGETS)])
     rows.append(["RSS after warm-up MB", *(get(t, "rss_warm_mb") for t in TARGETS)])
-    rows.append([f"RSS after {results.get('arbstr', {}).get('rss_requests', '?')} req MB",
-                 *(get(t, "rss_after_n_mb") for t in TARGETS)])
+    rows.append(["requests between readings", *(get(t, "rss_requests") for t in TARGETS)])
+    rows.append(["RSS after them MB", *(get(t, "rss_after_n_mb") for t in TARGETS)])
     rows.append(["RSS growth MB", *(get(t, "rss_growth_mb") for t in TARGETS)])
     rows.append(["RSS at end MB", *(get(t, "rss_end_mb") for t in TARGETS)])
     rows.append(["startup s", *(get("startup_s", t) for t in TARGETS)])
@@ -342,16 +353,17 @@ def evaluate(results: dict[str, Any]) -> tuple[list[list[Any]], list[dict[str, A
 
 
 def print_report(results: dict[str, Any], rows: list[list[Any]], checks: list[dict[str, Any]]) -> None:
-    print(f"\nmachine: before {results['machine_before']}; after {results['machine_after']}")
+    print(f"\narbstr {results['arbstr_revision']}; machine: before {results['machine_before']}; "
+          f"after {results['machine_after']}")
     header = f"{'metric':24}" + "".join(f"{t:>10}" for t in TARGETS) + f"{'arb/direct':>11}{'arb/bare':>10}{'arb/LiteLLM':>12}"
     print(header)
     print("-" * len(header))
     for label, *values in rows:
         direct, bare, arbstr, lite = values
         ratios = [_ratio(arbstr, direct), _ratio(arbstr, bare), _ratio(arbstr, lite)]
-        if label.startswith(("added", "TTFT overhead", "errors")):
+        if label.startswith(("added", "TTFT overhead", "errors", "requests")):
             ratios = [None, None, None]  # a difference or a count: a ratio of it means nothing
-        digits = 0 if label.startswith(("req/s", "errors")) else 2
+        digits = 0 if label.startswith(("req/s", "errors", "requests")) else 2
         print(f"{label:24}" + "".join(f"{_fmt(v, digits):>10}" for v in values)
               + "".join(f"{_fmt(r):>11}" for r in ratios[:1]) + f"{_fmt(ratios[1]):>10}{_fmt(ratios[2]):>12}")
     if results.get("arbstr_startups_s"):

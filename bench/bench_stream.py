@@ -5,10 +5,11 @@
 A fake provider (bench/fake_upstream.py, its own process) writes one chat-completion chunk every 20 ms
 and stamps each with ``time.monotonic_ns()`` as it writes it. A raw-socket client (no ``requests``, no
 line iteration) stamps each event when the read that completes it returns, so per-event delay =
-arrival − write on the one system-wide monotonic clock. Streams alternate between reading the fake
-directly and reading it through arbstr (as shipped: gunicorn.conf.py, request log on), for a chunked
-upstream and for a close-delimited one (HTTP/1.0-style: no length, the body ends at close). TTFT
-overhead is arbstr's TTFT minus the direct TTFT of the stream just before it.
+arrival − write on the one system-wide monotonic clock. Streams rotate between reading the fake
+directly, through arbstr (as shipped: gunicorn.conf.py, request log on) and through the bare
+forwarder (bench/bare_forwarder.py: the floor of arbstr's stack, for scale), for a chunked upstream
+and for a close-delimited one (HTTP/1.0-style: no length, the body ends at close). TTFT overhead is a
+proxy's TTFT minus the direct TTFT of the stream just before it.
 
 Targets (printed, not asserted): per-event delay through arbstr and TTFT overhead, median < 2 ms and
 p99 < 10 ms.
@@ -31,7 +32,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fake_upstream
-from harness import CHAT_PATH, HOST, arbstr_server, chat_status, free_port, machine_note, pct, write_arbstr_config
+from harness import (
+    CHAT_PATH,
+    HOST,
+    arbstr_revision,
+    arbstr_server,
+    bare_server,
+    chat_status,
+    free_port,
+    machine_note,
+    pct,
+    write_arbstr_config,
+)
 
 TARGET_MEDIAN_MS = 2.0
 TARGET_P99_MS = 10.0
@@ -207,7 +219,8 @@ def print_table(summary: dict[str, dict[str, dict[str, float]]]) -> None:
                         f"{r['ttft_overhead_p50_ms']:17.2f} {r['ttft_overhead_p99_ms']:7.2f}")
             print(f"{framing:8} {name:8} {r['events']:6d} | {r['delay_p50_ms']:15.2f} {r['delay_p99_ms']:7.2f} "
                   f"{r['delay_max_ms']:7.2f} | {r['ttft_p50_ms']:8.2f} {r['ttft_p99_ms']:7.2f} | {overhead}")
-    print("(all in ms; event delay = arrival at the client − write by the upstream; direct = no proxy)")
+    print("(all in ms; event delay = arrival at the client − write by the upstream; direct = no proxy;\n"
+          " bare = Flask + requests under the same gunicorn settings, the floor of arbstr's stack)")
     for framing, rows in summary.items():
         a = rows["arbstr"]
         print(f"targets, {framing}: event delay p50 {verdict(a['delay_p50_ms'], TARGET_MEDIAN_MS)}, "
@@ -231,28 +244,34 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = write_arbstr_config(tmp_dir, [
             (f"up-{f}", base + shape_path(f, args.events, args.interval_ms), [f"bench-{f}"]) for f in FRAMINGS])
         server = arbstr_server(config, free_port(), tmp_dir / "arbstr.log")
+        bare = bare_server(base, config, tmp_dir / "bare.log")
         load_before = machine_note()
         try:
             server.start(lambda: chat_status(server.port, body=chat_body("bench-chunked", stream=False)))
+            bare.start()
             summary = {}
             for framing in FRAMINGS:
                 body = chat_body(f"bench-{framing}")
+                upstream_path = shape_path(framing, args.events, args.interval_ms) + "/chat/completions"
                 results = run_streams({
-                    "direct": (up_port, shape_path(framing, args.events, args.interval_ms) + "/chat/completions", body),
+                    "direct": (up_port, upstream_path, body),
                     "arbstr": (server.port, CHAT_PATH, body),
+                    "bare": (bare.port, upstream_path, body),
                 }, args.streams)
                 summary[framing] = summarize(results)
         finally:
             server.stop()
+            bare.stop()
             upstream.kill()
             upstream.wait()
     machine = f"{load_before}; after: load {machine_note().split('load ')[1]}"
-    print(f"arbstr streaming delay: {args.events} events every {args.interval_ms} ms, {args.streams} streams "
-          f"per framing and path ({machine})")
+    revision = arbstr_revision()
+    print(f"arbstr {revision} streaming delay: {args.events} events every {args.interval_ms} ms, {args.streams} "
+          f"streams per framing and path ({machine})")
     print_table(summary)
     if args.json:
         args.json.write_text(json.dumps({
-            "bench": "stream", "machine": machine, "streams": args.streams, "events": args.events,
+            "bench": "stream", "arbstr_revision": revision, "machine": machine, "streams": args.streams, "events": args.events,
             "interval_ms": args.interval_ms, "targets_ms": {"p50": TARGET_MEDIAN_MS, "p99": TARGET_P99_MS},
             "results": summary,
         }, indent=2))

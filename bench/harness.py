@@ -49,6 +49,15 @@ def machine_note() -> str:
     return f"{os.cpu_count()} cores, load {load_average()}"
 
 
+def arbstr_revision() -> str:
+    """The commit measured, and whether arbstr_core had uncommitted changes (the checkout is shared)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--", "arbstr_core", "arbstr.py", "gunicorn.conf.py")
+    return git("rev-parse", "--short", "HEAD") + (" + uncommitted changes in arbstr_core" if dirty else "")
+
+
 def write_arbstr_config(directory: Path, providers: Sequence[tuple[str, str, Sequence[str]]]) -> Path:
     """An arbstr config with its request log in ``directory``; providers are (name, base url, models)."""
     lines = ["[database]", f'path = "{directory / "arbstr.db"}"', ""]
@@ -151,6 +160,15 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
+
+
+def bare_server(upstream: str, config: Path, log_path: Path) -> Server:
+    """bench/bare_forwarder.py under arbstr's own gunicorn.conf.py (which reads ``config`` for its settings)."""
+    port = free_port()
+    argv = [sys.executable, "-m", "gunicorn", "bare_forwarder:app", "-c", str(ROOT / "gunicorn.conf.py"),
+            "--bind", f"{HOST}:{port}"]
+    return Server("bare", argv, port, log_path, cwd=ROOT / "bench",
+                  env={"BENCH_UPSTREAM": upstream, "ARBSTR_CONFIG": str(config)})
 
 
 def arbstr_server(config: Path, port: int, log_path: Path) -> Server:
