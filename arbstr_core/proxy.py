@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime
 from typing import Any
@@ -76,11 +77,19 @@ def _encode(body: Any) -> bytes:
         raise bad_request("Request body is not valid JSON: nested too deeply", code="invalid_json") from None
 
 
-def loggable(fields: dict[str, Any]) -> dict[str, Any]:
-    """Row values SQLite can store: an unpaired surrogate (a provider's JSON may escape one into an error
-    message) becomes its ``\\udXXX`` text instead of an exception on the log writer's thread."""
-    return {k: v.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(v, str) else v
+def loggable(fields: dict[str, Any], scrub: Callable[[str], str]) -> dict[str, Any]:
+    """Row values safe to store: no secret (a client may send a key as its model name), and text SQLite
+    can encode (an unpaired surrogate, which a provider's JSON may escape into an error message, becomes
+    its ``\\udXXX`` text instead of an exception on the log writer's thread)."""
+    return {k: scrub(v).encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(v, str) else v
             for k, v in fields.items()}
+
+
+def scrub_bytes(body: bytes, scrub: Callable[[str], str]) -> bytes:
+    """``body`` unchanged, byte for byte, unless it contains a secret (a provider echoing its key)."""
+    text = body.decode("utf-8", "surrogateescape")
+    clean = scrub(text)
+    return body if clean == text else clean.encode("utf-8", "surrogateescape")
 
 
 def stream_body(body: dict[str, Any]) -> tuple[bytes, bool]:
@@ -121,7 +130,7 @@ class ChatRequest:
 
     def insert(self, row: dict[str, Any]) -> None:
         self.logged = True
-        self.state.logstore.insert(loggable(row))
+        self.state.logstore.insert(loggable(row, self.state.scrub))
 
     def elapsed_ms(self) -> int:
         return int((time.perf_counter() - self.started) * 1000)
@@ -179,7 +188,8 @@ class ChatRequest:
         ))
         log.info("request_id=%s model=%s provider=%s status=%d code=%s latency_ms=%d",
                  self.id, self.model, provider, error.status, error.code, latency)
-        body = {"error": {"message": message, "type": error.type, "param": error.param, "code": error.code}}
+        # Every field scrubbed: an upstream 4xx passed through brings its own type, param and code.
+        body = {"error": {k: self.state.scrub(v) if isinstance(v, str) else v for k, v in error.body()["error"].items()}}
         return Response(json.dumps(body), error.status, headers, mimetype="application/json")
 
 
@@ -249,14 +259,15 @@ def _complete(chat: ChatRequest, raw: bytes, candidates: list[Provider]) -> Resp
         outcome = future.result(timeout=max(deadline - time.monotonic(), 0))
     except FutureTimeout:
         cancel.set()
-        caller.cutoff.fire()  # the abandoned attempt closes its connection now, not at its next read
         attempts.abandon()
+        caller.cutoff.fire()  # the abandoned attempt closes its connection now, not at its next read
         return chat.fail(deadline_error(), Outcome(attempts))
     if outcome.error is not None:
         return chat.fail(outcome.error, outcome)
     assert outcome.provider is not None and outcome.result is not None
     provider = outcome.provider
     status, body, parsed = outcome.result.payload
+    body = scrub_bytes(body, state.scrub)
     input_tokens, output_tokens, cost = costs.usage_cost(provider, parsed.get("usage"))
     latency = chat.elapsed_ms()
     state.latency.add(provider.name, latency)
@@ -318,7 +329,7 @@ def _stream(chat: ChatRequest, body: dict[str, Any], candidates: list[Provider],
                 "ttft_ms": summary.ttft_ms, "stream_duration_ms": summary.duration_ms,
                 "error_type": None if ok else "upstream_error" if summary.status == "interrupted" else "client",
                 "error_message": summary.error if not ok else None,
-            }))
+            }, state.scrub))
             log.info("request_id=%s model=%s provider=%s stream=%s ttft_ms=%s duration_ms=%s cost_sats=%s",
                      chat.id, chat.model, provider.name, summary.status, summary.ttft_ms, summary.duration_ms,
                      _fmt(cost))

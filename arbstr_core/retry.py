@@ -13,7 +13,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .breaker import BreakerRegistry, Permit
@@ -38,28 +38,43 @@ class AttemptResult:
     close: Callable[[], None] = lambda: None
 
 
-@dataclass
 class Attempts:
     """Failed attempts per provider, in order: the ``x-arbstr-retries`` header and the log column.
 
-    Shared with the request thread, which reads it when the deadline passes: ``in_flight`` is the
-    provider of the attempt under way, whose request was sent and is being abandoned.
+    Shared with the request thread, which calls :meth:`abandon` when the deadline passes: the attempt
+    sent and not yet counted as failed (``pending``) failed too. The lock makes sure that attempt is
+    counted exactly once, whichever thread gets there first, and nothing is counted after.
     """
 
-    counts: dict[str, int] = field(default_factory=dict)
-    in_flight: str | None = None
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.pending: str | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def start(self, provider: str) -> None:
+        with self._lock:
+            self.pending = provider
 
     def add(self, provider: str) -> None:
-        self.counts[provider] = self.counts.get(provider, 0) + 1
+        """One failed attempt at ``provider``."""
+        with self._lock:
+            self.pending = None
+            if not self._closed:
+                self.counts[provider] = self.counts.get(provider, 0) + 1
 
     def abandon(self) -> None:
-        """The deadline passed: the attempt in flight failed too."""
-        if self.in_flight is not None:
-            self.add(self.in_flight)
-            self.in_flight = None
+        """The deadline passed: count the pending attempt (even one that just succeeded: the client
+        gets the 504, not its answer), then stop counting."""
+        with self._lock:
+            if self.pending is not None and not self._closed:
+                self.counts[self.pending] = self.counts.get(self.pending, 0) + 1
+            self.pending = None
+            self._closed = True
 
     def header(self) -> str | None:
-        return ", ".join(f"{n}/{p}" for p, n in self.counts.items()) or None
+        with self._lock:
+            return ", ".join(f"{n}/{p}" for p, n in self.counts.items()) or None
 
 
 @dataclass
@@ -121,14 +136,12 @@ def run_chain(
             permit = breakers.acquire(provider.name)
             if permit is None:
                 break  # circuit opened (or its probe is taken) since the candidates were chosen
-            attempts.in_flight = provider.name
+            attempts.start(provider.name)
             try:
                 result = attempt(provider, left)
             except BaseException:
                 breakers.release(permit)
                 raise
-            finally:
-                attempts.in_flight = None
             if cancel.is_set():
                 breakers.release(permit)
                 result.close()

@@ -595,25 +595,40 @@ def test_real_event_cancellation_from_another_thread() -> None:
     assert len(outcome) == 1 and isinstance(outcome[0], Abandoned)
 
 
-def test_shared_attempts_show_the_attempt_in_flight_to_a_caller_that_stops_waiting(env: Env) -> None:
+def test_abandon_counts_the_pending_attempt_once(env: Env) -> None:
     attempts = Attempts()
-    seen: list[str | None] = []
+    pending: list[str | None] = []
 
     def attempt(p: Provider, left: float | None) -> AttemptResult:
-        seen.append(attempts.in_flight)
-        if len(seen) == 1:
+        pending.append(attempts.pending)
+        if len(pending) == 1:
             return http(503)
-        attempts.abandon()  # what the request thread does when the deadline passes now
+        attempts.abandon()  # the request thread, when the deadline passes during this attempt
         env.cancel.set()
         return read_timeout()
 
     with pytest.raises(Abandoned):
         run_chain(CANDIDATES, attempt, retry=RetryConfig(), breakers=env.breakers, cancel=env.cancel,
                   attempts=attempts, clock=env.clock)
-    assert seen == ["provider-alpha", "provider-alpha"]
-    assert attempts.header() == "2/provider-alpha" and attempts.in_flight is None
-    attempts.abandon()  # nothing in flight: nothing added
+    assert pending == ["provider-alpha", "provider-alpha"]
     assert attempts.header() == "2/provider-alpha"
+
+
+def test_abandon_after_the_chain_counted_the_failure_adds_nothing_more() -> None:
+    attempts = Attempts()
+    attempts.start("a")
+    attempts.add("a")  # the chain thread recorded the failure first
+    attempts.abandon()
+    attempts.start("b")
+    attempts.add("b")  # ... and anything after the abandon is not counted
+    assert attempts.header() == "1/a"
+
+
+def test_abandon_counts_an_answer_the_client_will_not_get() -> None:
+    attempts = Attempts()
+    attempts.start("a")  # it succeeded, but the deadline passed before the request thread saw it
+    attempts.abandon()
+    assert attempts.header() == "1/a"
 
 
 # --- the x-arbstr-retries string ----------------------------------------------------------------
