@@ -279,7 +279,8 @@ def purge(conn: sqlite3.Connection, before: float, chunk: int) -> int:
     return deleted
 
 
-# The hourly totals of the rows with id > ?, in requests_hourly's column order.
+# The hourly totals of the rows with id > ?, in requests_hourly's column order. NOT INDEXED: the new
+# rows are the last few ids, whatever an index on success might promise the planner.
 _TOTALS_AFTER = (
     "SELECT substr(timestamp, 1, 13), COALESCE(model, '') COLLATE NOCASE, "
     "COALESCE(provider, '') COLLATE NOCASE, COALESCE(policy, '') COLLATE NOCASE, COUNT(*), "
@@ -288,7 +289,7 @@ _TOTALS_AFTER = (
     "COUNT(cost_sats), TOTAL(IIF(cost_sats IS NULL, 0, input_tokens)), "
     "TOTAL(IIF(cost_sats IS NULL, 0, output_tokens)), TOTAL(IIF(success = 1, latency_ms, 0)), "
     "COUNT(IIF(success = 1, latency_ms, NULL)), TOTAL(IIF(success = 1, ttft_ms, 0)), "
-    "COUNT(IIF(success = 1, ttft_ms, NULL)) FROM requests WHERE id > ? GROUP BY 1, 2, 3, 4"
+    "COUNT(IIF(success = 1, ttft_ms, NULL)) FROM requests NOT INDEXED WHERE id > ? GROUP BY 1, 2, 3, 4"
 )
 _SUMS = (
     "total", "success", "streaming", "ok_streaming", "input_tokens", "output_tokens", "cost_sats", "costed",
@@ -301,7 +302,7 @@ _ROLL_UP = (
     (
         "INSERT INTO requests_latency_hourly SELECT substr(timestamp, 1, 13), COALESCE(model, '') COLLATE NOCASE, "
         "COALESCE(provider, '') COLLATE NOCASE, COALESCE(policy, '') COLLATE NOCASE, "
-        f"{BAND_OF_LATENCY}, COUNT(*) FROM requests WHERE id > ? AND {TIMED_OK} "
+        f"{BAND_OF_LATENCY}, COUNT(*) FROM requests NOT INDEXED WHERE id > ? AND {TIMED_OK} "
         "GROUP BY 1, 2, 3, 4, 5 ON CONFLICT DO UPDATE SET n = n + excluded.n"
     ),
 )

@@ -16,6 +16,7 @@ million a second:
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -51,7 +52,7 @@ def in_bands(conn: sqlite3.Connection, where: Where, bands: Mapping[int, int]) -
     """Walk from the edge of the band holding each rank; ``bands`` maps a band's lower edge to how many
     of the set's latencies it holds (they must add up to the set exactly)."""
     cond, params = where
-    edges = sorted(lo for lo, count in bands.items() if count)
+    edges = [*sorted(lo for lo, count in bands.items() if count), math.inf]
     out = []
     i, below = 0, 0  # the band edges[i], and how many of the set's latencies lie below it
     for k in percentile_ranks(sum(bands.values())):
@@ -59,7 +60,7 @@ def in_bands(conn: sqlite3.Connection, where: Where, bands: Mapping[int, int]) -
             below += bands[edges[i]]
             i += 1
         inside = bands[edges[i]]
-        if k - below <= below + inside - 1 - k or i + 1 == len(edges):
+        if k - below <= below + inside - 1 - k:
             bound, op, order, offset = edges[i], ">=", "ASC", k - below
         else:
             bound, op, order, offset = edges[i + 1], "<", "DESC", below + inside - 1 - k

@@ -33,7 +33,7 @@ from . import costorder, percentiles
 from .aggregate import NONE_KEY, PERCENTILES, Totals, bucket_starts, group_key
 from .config import Provider
 from .errors import ArbstrError, bad_request
-from .logdb import BAND_OF_LATENCY, TIMED_OK, Where, expected_version, format_utc
+from .logdb import BAND_OF_LATENCY, Where, expected_version, format_utc
 
 RANGES = {
     "last_1h": timedelta(hours=1),
@@ -68,6 +68,8 @@ _RAW_SUMS = (
     "COUNT(IIF(success = 1, latency_ms, NULL)), TOTAL(IIF(success = 1, ttft_ms, 0)), "
     "COUNT(IIF(success = 1, ttft_ms, NULL))"
 )
+# The rows latency percentiles count; '+' leaves the choice of index to the time and name conditions.
+_TIMED_OK = "+success = 1 AND +latency_ms IS NOT NULL"
 # Rows in the table, estimated from the rowids in O(log n) (retention deletes the oldest rows first).
 _TABLE_ROWS = "SELECT COALESCE((SELECT MAX(id) FROM requests) - (SELECT MIN(id) FROM requests) + 1, 0)"
 # group_by → (key over requests_hourly, key over requests)
@@ -249,7 +251,7 @@ _FROM_ROLLUP = (
 _FROM_ROWS = (
     (f"SELECT {{key}}, COALESCE(model, '') COLLATE NOCASE, {_RAW_SUMS} FROM {{source}} WHERE {{cond}} GROUP BY 1, 2",
      _add_sums),
-    (f"SELECT {{key}}, {BAND_OF_LATENCY}, COUNT(*) FROM {{source}} WHERE {{cond}} AND {TIMED_OK} GROUP BY 1, 2", _add_band),
+    (f"SELECT {{key}}, {BAND_OF_LATENCY}, COUNT(*) FROM {{source}} WHERE {{cond}} AND {_TIMED_OK} GROUP BY 1, 2", _add_band),
 )
 
 

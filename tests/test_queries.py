@@ -233,6 +233,31 @@ def test_stats_group_by_time(dataset, percentile_path, group_by, args) -> None:
         assert core(g) == expected(select(rows, max(s, since), min(s + step, until))), g["start"]
 
 
+@pytest.mark.parametrize("group_by", [None, "hour", "day", "model"])
+def test_percentiles_of_awkward_latencies(tmp_path, percentile_path, group_by) -> None:
+    """Ties, zero, fractions, a negative value and band edges: every way to a rank gives the same answer."""
+    rnd = random.Random(3)
+    latencies = [0, 0, 0.5, -3, 1, 2, 1023, 1024, 1024, 1025, 2**24, 2**24 + 0.25, 10**9] + [
+        rnd.choice([7, 64, 65, 3000, 3000, 3001]) for _ in range(300)]
+    rows = make_rows(len(latencies), seed=11)
+    for r, latency in zip(rows, latencies, strict=True):
+        r.update(latency_ms=latency, success=True, status="complete" if r["streaming"] else "ok")
+    path = tmp_path / "awkward.db"
+    write(path, rows, len(rows) // 3)
+    args = {"range": "last_30d", **({"group_by": group_by} if group_by else {})}
+    doc = queries.stats(str(path), args, PROVIDERS, now=NOW)
+    chosen = select(rows, NOW - timedelta(days=30), NOW)
+    assert core(doc) == expected(chosen)
+    if group_by in ("hour", "day"):
+        width = 13 if group_by == "hour" else 10
+        for g in doc["groups"]:
+            assert core(g) == expected([r for r in chosen if r["timestamp"][:width] == g["start"][:width]]), g["start"]
+    elif group_by:
+        for key, g in doc["groups"].items():
+            k = "" if key == "(none)" else key.casefold()
+            assert core(g) == expected([r for r in chosen if (r["model"] or "").casefold() == k]), key
+
+
 def test_stats_of_nothing(dataset, tmp_path) -> None:
     path, _ = dataset
     empty = expected([])
