@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from .errors import ConfigError
 
 REDACTED = "[REDACTED]"
+FRAGMENT = 12  # a run of a secret's first or last characters this long is redacted on its own
 
 # Key sources as reported by startup logs, `arbstr check` and /providers.
 SOURCE_LITERAL = "config-literal"
@@ -39,8 +40,21 @@ class Secret:
         return hmac.compare_digest(candidate.encode("utf-8"), self._value.encode("utf-8"))
 
     def scrub(self, text: str) -> str:
-        """``text`` with every occurrence of this secret replaced by [REDACTED]."""
-        return text.replace(self._value, REDACTED) if self._value and self._value in text else text
+        """``text`` with every occurrence of this secret replaced by [REDACTED]; also any run of its
+        first or last FRAGMENT+ characters, because providers quote keys truncated or masked
+        (``bad key cashuAeyJ0b2tlbi...``, ``sk-...f00dcafe1234``). A fragment from the middle is not
+        recognised; the masked form (first 6 characters) stays readable."""
+        value = self._value
+        if not value:
+            return text
+        if value in text:
+            text = text.replace(value, REDACTED)
+        if len(value) > FRAGMENT:
+            if value[:FRAGMENT] in text:
+                text = _redact_runs(text, value, from_start=True)
+            if value[-FRAGMENT:] in text:
+                text = _redact_runs(text, value, from_start=False)
+        return text
 
     def __len__(self) -> int:
         return len(self._value)
@@ -76,6 +90,23 @@ class Secret:
 
     def __reduce__(self) -> tuple:
         raise TypeError("a Secret cannot be pickled")
+
+
+def _redact_runs(text: str, value: str, from_start: bool) -> str:
+    """Replace each run of ``value``'s first (or last) characters, FRAGMENT or more, by REDACTED."""
+    anchor = value[:FRAGMENT] if from_start else value[-FRAGMENT:]
+    i = text.find(anchor)
+    while i >= 0:
+        start, end = i, i + FRAGMENT
+        if from_start:
+            while end < len(text) and end - start < len(value) and text[end] == value[end - start]:
+                end += 1
+        else:
+            while start > 0 and end - start < len(value) and text[start - 1] == value[-(end - start) - 1]:
+                start -= 1
+        text = text[:start] + REDACTED + text[end:]
+        i = text.find(anchor, start + len(REDACTED))
+    return text
 
 
 _VAR = re.compile(r"\$\{([^{}]*)\}")

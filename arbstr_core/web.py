@@ -90,11 +90,16 @@ def setup_logging(config: Config, scrub: Scrubber) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
     handler.filters = [_ScrubFilter(scrub)]
+    # gunicorn's own loggers in this worker: its debug log names request paths, its access log request
+    # lines, and a client may put a key in either (/v1/requests/<key>, ?model=<key>).
+    for name in ("gunicorn.error", "gunicorn.access"):
+        other = logging.getLogger(name)
+        other.filters = [f for f in other.filters if not isinstance(f, _ScrubFilter)] + [_ScrubFilter(scrub)]
 
 
 def error_response(error: ArbstrError, scrub: Scrubber) -> Response:
     body = error.body()
-    body["error"]["message"] = scrub(error.message)
+    body["error"] = {k: scrub(v) if isinstance(v, str) else v for k, v in body["error"].items()}
     response = jsonify(body)
     response.status_code = error.status
     response.headers.update(error.headers)
