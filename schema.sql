@@ -98,12 +98,15 @@ CREATE TABLE IF NOT EXISTS requests_hourly (
     PRIMARY KEY (hour, model, provider, policy)
 ) WITHOUT ROWID;
 
--- Successful latencies counted per hour, name and band (powers of two): a percentile's rank falls in a
--- known band, and the walk in idx_requests_latency starts at that band's edge (percentiles.py).
+-- Successful latencies counted per hour, name and band: a percentile's rank falls in a known band, and
+-- the walk in idx_requests_latency starts at that band's edge (percentiles.py), so the narrower the
+-- bands the shorter the walk, and the more rows here. Four bands an octave (4, 5, 6, 7, 8, 10, 12, ...
+-- ms, up to 8 hours), below 4 ms one a millisecond, below 1 ms one. Never change the bands of an
+-- existing database: the counts are filed under them.
 CREATE TABLE IF NOT EXISTS latency_bands (lo INTEGER PRIMARY KEY);  -- a band is [lo, next lo)
-INSERT OR IGNORE INTO latency_bands (lo) VALUES (-9223372036854775808), (1), (2), (4), (8), (16), (32), (64),
-    (128), (256), (512), (1024), (2048), (4096), (8192), (16384), (32768), (65536), (131072), (262144),
-    (524288), (1048576), (2097152), (4194304), (8388608), (16777216);
+INSERT OR IGNORE INTO latency_bands (lo) VALUES (-9223372036854775808), (1), (2), (3);
+WITH RECURSIVE octave(base) AS (SELECT 1 UNION ALL SELECT base * 2 FROM octave WHERE base < 4194304)
+INSERT OR IGNORE INTO latency_bands (lo) SELECT base * column1 FROM octave, (VALUES (4), (5), (6), (7));
 CREATE TABLE IF NOT EXISTS requests_latency_hourly (
     hour     TEXT    NOT NULL,
     model    TEXT    NOT NULL COLLATE NOCASE,

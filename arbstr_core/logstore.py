@@ -36,7 +36,9 @@ from .logdb import format_utc, utc_timestamp
 
 log = logging.getLogger("arbstr.logstore")
 
-BATCH_SIZE = 500              # operations per transaction
+# Operations per transaction, at most. A burst into a log of a million rows: 500 → ~120 µs of CPU a
+# row, 2000 → ~105, 5000 → ~90 (each transaction rewrites its hot pages and folds its rows once).
+BATCH_SIZE = 5000
 HEARTBEAT_SECS = 60.0         # how often a writer proves it is alive and sweeps orphaned streams
 STALE_SECS = 3 * HEARTBEAT_SECS
 RETENTION_EVERY_SECS = 86400.0
