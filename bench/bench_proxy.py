@@ -247,7 +247,10 @@ def measure_all(results: dict[str, Any], settings: Settings, tmp: Path, up_port:
         for c in LEVELS:
             for t in targets:
                 wrk.run(t.url, c, 1)  # open this level's connections before timing
+                cpu = t.server.cpu_seconds() if t.server is not None else math.nan
                 results[t.name][f"c{c}"] = r = wrk.run(t.url, c, settings.seconds)
+                if t.server is not None:
+                    r["cpu_ms_per_req"] = (t.server.cpu_seconds() - cpu) * 1000 / max(r["requests"], 1)
                 print(f"  c={c:<2} {t.name:8} {r['rps']:8.0f} req/s  p50 {r['p50_ms']:7.2f} ms  "
                       f"p99 {r['p99_ms']:7.2f} ms  ({machine_note()})", flush=True)
         for t in targets:
@@ -314,6 +317,8 @@ def evaluate(results: dict[str, Any]) -> tuple[list[list[Any]], list[dict[str, A
             rows.append([f"{q[:3]} ms c={c}", *(get(t, f"c{c}", q) for t in TARGETS)])
     for q in ("p50_ms", "p99_ms"):
         rows.append([f"added {q[:3]} ms c=1", *(added(t, 1, q) for t in TARGETS)])
+    for c in LEVELS:
+        rows.append([f"worker CPU ms/req c={c}", *(get(t, f"c{c}", "cpu_ms_per_req") for t in TARGETS)])
     rows.append(["errors (all levels)", *(
         sum(get(t, f"c{c}", "errors") or 0 for c in LEVELS) if t in results else None for t in TARGETS)])
     for key, label in (("ttft_p50_ms", "stream TTFT p50 ms"), ("ttft_overhead_p50_ms", "TTFT overhead p50 ms"),

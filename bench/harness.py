@@ -142,6 +142,14 @@ class Server:
                     children.append(int(entry.name))
         return children or [self.proc.pid]
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the worker process(es) used so far: steadier than latency on a busy box."""
+        ticks = 0
+        for pid in self.worker_pids():
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+        return ticks / os.sysconf("SC_CLK_TCK")
+
     def rss_mb(self) -> float:
         """Resident memory of the worker process(es), MB (VmRSS, summed)."""
         total_kb = 0
