@@ -3,10 +3,11 @@
 Each call opens its own short-lived connection (never the writer's) and reads in one transaction, so
 counts, sums and percentiles describe the same snapshot; in WAL mode that never blocks the writer.
 
-Sized for a million rows: totals come from the ``requests_hourly`` rollup (only the partial hours at
-the edges of the range, and rows newer than the rollup, are summed from ``requests``); latency
-percentiles come from index walks (:mod:`.percentiles`); a page sorted by cost merges the hours of
-``idx_requests_hour_cost`` (:mod:`.costorder`).
+Sized for a million rows: totals and latency band counts come from the hourly tables (only the
+partial hours at the edges of the range, and rows newer than those tables, are summed from
+``requests``); latency percentiles come from index walks that the band counts keep short
+(:mod:`.percentiles`); a page sorted by cost merges the hours of ``idx_requests_hour_cost``
+(:mod:`.costorder`). All results are exact.
 
 Choices where SPEC is silent: time ranges are half-open, ``[since, until)``; latency averages and
 percentiles cover successful requests (an instant 400 or a 30 s timeout says nothing about speed);
@@ -46,10 +47,11 @@ GROUP_BY = ("model", "provider", "policy", "hour", "day")
 SORTS = ("timestamp", "cost_sats", "latency_ms")
 ORDERS = ("asc", "desc")
 MAX_PER_PAGE = 100
-# Percentiles of at most SMALL_SET latencies, or of 1/SORT_SHARE of the table, are sorted in Python:
-# cheaper than a walk through the table's rows in a latency band.
+# Percentiles of at most SMALL_SET latencies, or of 1/SORT_SHARE of the table, are sorted in Python
+# (about 1 µs a row): cheaper than a walk through the table's rows in a latency band (about a tenth of
+# the table, 0.1 µs a row).
 SMALL_SET = 5000
-SORT_SHARE = 50
+SORT_SHARE = 100
 READER_MMAP_BYTES = 1 << 30  # readers map the file: no copy per page, and the OS cache is shared
 
 _ROW_COLUMNS = (
