@@ -101,6 +101,11 @@ def percentile_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPa
         monkeypatch.setattr(queries, "SORT_SHARE", 10**9)  # whatever the table's size, every set is walked
 
 
+@pytest.fixture(params=["merged-hours", "sorted-by-sqlite"])
+def cost_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(queries, "MERGE_SHARE", 10**9 if request.param == "merged-hours" else 0)
+
+
 # ---- independent expectations --------------------------------------------------------------------
 
 
@@ -311,7 +316,7 @@ def order_key(sort: str, order: str):
 @pytest.mark.parametrize(("sort", "order"), [("timestamp", "desc"), ("timestamp", "asc"), ("cost_sats", "asc"),
                                              ("cost_sats", "desc"), ("latency_ms", "desc"), ("latency_ms", "asc")])
 @pytest.mark.parametrize("page", [1, 3])
-def test_list_sorts_and_pages(dataset, sort, order, page) -> None:
+def test_list_sorts_and_pages(dataset, cost_path, sort, order, page) -> None:
     path, rows = dataset
     args = {"range": "last_30d", "sort": sort, "order": order, "page": str(page), "per_page": "25"}
     doc = queries.list_requests(path, args, now=NOW)
@@ -324,7 +329,7 @@ def test_list_sorts_and_pages(dataset, sort, order, page) -> None:
 
 @pytest.mark.parametrize("order", ["asc", "desc"])
 @pytest.mark.parametrize("filters", [{}, {"success": "true"}, {"model": "gpt-4o", "streaming": "false"}])
-def test_list_by_cost_pages_into_unknown_costs(dataset, order, filters) -> None:
+def test_list_by_cost_pages_into_unknown_costs(dataset, cost_path, order, filters) -> None:
     """Pages around the last known cost, where the merged hours give way to rows of unknown cost."""
     path, rows = dataset
     flags = {k: filters[k] == "true" for k in ("success", "streaming") if k in filters}
