@@ -11,8 +11,10 @@ import functools
 import logging
 import os
 import re
+import socket
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -237,18 +239,40 @@ def write(conn: sqlite3.Connection, ops: Sequence[tuple], writer: str) -> None:
         roll_up(conn)
 
 
-def heartbeat(conn: sqlite3.Connection, writer: str, now: float, stale_secs: float) -> int:
-    """Prove ``writer`` alive; mark ``streaming`` rows of writers silent for ``stale_secs`` interrupted.
+def writer_token() -> str:
+    """A new writer's id: its host, so that a writer on the same host can tell when its process died."""
+    return f"{socket.gethostname()}:{uuid.uuid4().hex}"
 
-    Returns how many rows were marked. Rows without a writer (older tools) count as orphans.
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: it exists, as another user
+        return False
+    return False
+
+
+def heartbeat(conn: sqlite3.Connection, writer: str, now: float, stale_secs: float) -> int:
+    """Prove ``writer`` alive; mark ``streaming`` rows of dead writers interrupted.
+
+    A writer is dead when its heartbeat is older than ``stale_secs``, or at once when it ran on this
+    host and its process is gone (a worker killed at ``graceful_timeout`` or by the OOM killer, whose
+    heartbeat is still fresh). Returns how many rows were marked. Rows without a writer (older tools)
+    count as orphans.
     """
     stale = utc_timestamp(now - stale_secs)
+    local = writer.partition(":")[0] + ":"
     with transaction(conn):
         conn.execute(
             "INSERT INTO writers (token, pid, started, heartbeat) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (token) DO UPDATE SET heartbeat = excluded.heartbeat",
             (writer, os.getpid(), utc_timestamp(now), utc_timestamp(now)),
         )
+        gone = [(token,) for token, pid in conn.execute("SELECT token, pid FROM writers WHERE token != ?", (writer,))
+                if token.startswith(local) and _process_gone(pid)]
+        conn.executemany("DELETE FROM writers WHERE token = ?", gone)
         swept = conn.execute(
             _INTERRUPTED + "(writer IS NULL OR writer NOT IN (SELECT token FROM writers WHERE heartbeat >= ?))",
             (stale,),

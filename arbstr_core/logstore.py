@@ -26,7 +26,6 @@ import queue
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
@@ -78,7 +77,7 @@ class LogStore:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._deadline = math.inf
-        self._token = uuid.uuid4().hex  # this writer's id in the writers table and the rows' writer column
+        self._token = logdb.writer_token()  # this writer's id in the writers table and the rows' writer column
         self._written = 0
         self._dropped = 0
         self._write_errors = 0

@@ -310,6 +310,32 @@ def test_leftover_streaming_rows_become_interrupted(db: Path) -> None:
     assert rollup_is_consistent(db)
 
 
+def test_streams_of_a_killed_process_on_this_host_are_interrupted_at_once(db: Path) -> None:
+    """A worker killed mid-stream (at graceful_timeout, by the OOM killer) left a fresh heartbeat."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_pid = int(gone.stdout)
+    fresh = logdb.utc_timestamp(time.time())
+    here = logdb.writer_token()
+    elsewhere = "another-host:" + here.partition(":")[2]
+    killed, remote = row(1, status="streaming", streaming=True), row(2, status="streaming", streaming=True)
+    LogStore(str(db)).close()  # the schema
+    conn = logdb.open_writer(str(db))
+    with logdb.transaction(conn):
+        for token, r in ((here, killed), (elsewhere, remote)):
+            conn.execute("INSERT INTO writers VALUES (?, ?, ?, ?)", (token, dead_pid, fresh, fresh))
+            logdb.apply_op(conn, ("insert", r), token)
+    conn.close()
+
+    restarted = LogStore(str(db))
+    restarted.start()
+    assert restarted.flush()
+    assert fetch(db, killed["request_id"])["status"] == "interrupted"
+    # Another host's process cannot be checked from here: its row waits for the heartbeat to go stale.
+    assert fetch(db, remote["request_id"])["status"] == "streaming"
+    restarted.close()
+
+
 def test_disabled_store_writes_nothing(db: Path) -> None:
     store = LogStore(str(db), enabled=False)
     store.start()
