@@ -245,13 +245,18 @@ def writer_token() -> str:
 
 
 def _process_gone(pid: int) -> bool:
+    """No such process, or only its zombie (a killed worker whose master exited is not reaped at once)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except OSError:  # EPERM: it exists, as another user
         return False
-    return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 def heartbeat(conn: sqlite3.Connection, writer: str, now: float, stale_secs: float) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -315,22 +316,27 @@ def test_streams_of_a_killed_process_on_this_host_are_interrupted_at_once(db: Pa
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True)
     dead_pid = int(gone.stdout)
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    os.waitid(os.P_PID, zombie.pid, os.WEXITED | os.WNOWAIT)  # it has exited, and stays unreaped for now
     fresh = logdb.utc_timestamp(time.time())
     here = logdb.writer_token()
     elsewhere = "another-host:" + here.partition(":")[2]
-    killed, remote = row(1, status="streaming", streaming=True), row(2, status="streaming", streaming=True)
+    killed, unreaped, remote = (row(i, status="streaming", streaming=True) for i in (1, 2, 3))
     LogStore(str(db)).close()  # the schema
     conn = logdb.open_writer(str(db))
     with logdb.transaction(conn):
-        for token, r in ((here, killed), (elsewhere, remote)):
-            conn.execute("INSERT INTO writers VALUES (?, ?, ?, ?)", (token, dead_pid, fresh, fresh))
+        for token, pid, r in ((here, dead_pid, killed), (logdb.writer_token(), zombie.pid, unreaped),
+                              (elsewhere, dead_pid, remote)):
+            conn.execute("INSERT INTO writers VALUES (?, ?, ?, ?)", (token, pid, fresh, fresh))
             logdb.apply_op(conn, ("insert", r), token)
     conn.close()
 
     restarted = LogStore(str(db))
     restarted.start()
     assert restarted.flush()
+    zombie.wait()
     assert fetch(db, killed["request_id"])["status"] == "interrupted"
+    assert fetch(db, unreaped["request_id"])["status"] == "interrupted"
     # Another host's process cannot be checked from here: its row waits for the heartbeat to go stale.
     assert fetch(db, remote["request_id"])["status"] == "streaming"
     restarted.close()

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import openai
-import pytest
 import requests
 from conftest import ArbstrServer, provider
 from fakes import Exchange, FakeUpstream, error, reply, slow_headers, sse
@@ -293,8 +292,5 @@ def test_streams_outliving_graceful_timeout(fake_upstream, make_config, gunicorn
         assert time.monotonic() < deadline, "the restarted arbstr wrote no row"
         time.sleep(0.05)
     after = {c.request_id: rows(tmp_path / "arbstr.db")[c.request_id] for c in cut}
-    if any(r["status"] == "streaming" for r in after.values()):
-        pytest.xfail("known bug: a killed worker's `streaming` rows survive a restart until its writer's heartbeat "
-                     "is STALE_SECS (180 s) old (arbstr_core/logdb.heartbeat); SPEC §6.2 says at startup")
     for row in after.values():
         assert row["status"] == "interrupted" and row["success"] == 0, row
