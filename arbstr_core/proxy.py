@@ -181,7 +181,8 @@ class ChatRequest:
         latency = self.elapsed_ms()
         if not self.streaming:
             headers["x-arbstr-latency-ms"] = str(latency)
-        message = self.state.scrub(error.message)
+        # A provider's 4xx passed through may come with an empty body: still say what happened.
+        message = self.state.scrub(error.message) or f"{provider or 'arbstr'} answered HTTP {error.status} with no message"
         self.insert(self.row(
             provider=provider, http_status=error.status, latency_ms=latency, retries=retries,
             error_type=error.type, error_message=message,
@@ -190,6 +191,7 @@ class ChatRequest:
                  self.id, self.model, provider, error.status, error.code, latency)
         # Every field scrubbed: an upstream 4xx passed through brings its own type, param and code.
         body = {"error": {k: self.state.scrub(v) if isinstance(v, str) else v for k, v in error.body()["error"].items()}}
+        body["error"]["message"] = message
         return Response(json.dumps(body), error.status, headers, mimetype="application/json")
 
 
