@@ -68,14 +68,12 @@ class _ScrubFilter(logging.Filter):
         self.scrub = scrub
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        clean = self.scrub(message)
-        if clean != message or record.exc_info:
-            if record.exc_info:
-                clean += "\n" + self.scrub(logging.Formatter().formatException(record.exc_info))
-                record.exc_info = None
-                record.exc_text = None
-            record.msg, record.args = clean, None
+        clean = self.scrub(record.getMessage())
+        if record.exc_info:
+            clean += "\n" + self.scrub(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+            record.exc_text = None
+        record.msg, record.args = clean, None  # formatted once: the handler's Formatter reuses it
         return True
 
 
