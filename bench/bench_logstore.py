@@ -6,9 +6,7 @@ Targets (printed, not asserted): writer ≥ 5,000 rows/s; each query < 300 ms (p
 are printed). The big database is bulk-loaded with executemany into a table without indexes, then
 schema.sql adds indexes and triggers and the hourly tables are rebuilt, as a long-lived arbstr would
 have them. Rows arrive in time order, like real traffic, spread over the last 7 days, so the default
-last_7d range covers every row. Indexes built in one go have full pages, so the rows then written
-into a copy split pages that a log grown row by row would still have room in: the writer figure for
-the big database is a worst case.
+last_7d range covers every row.
 """
 
 from __future__ import annotations
