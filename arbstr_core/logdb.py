@@ -47,14 +47,17 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
 }
 
-WRITER_CACHE_KIB = 65536  # the writer's page cache, filled only as the database grows
+WRITER_CACHE_KIB = 4096  # the writer's page cache: it fills as the database grows and stays in RSS
 WAL_CHECKPOINT_PAGES = 10000  # about 40 MB of WAL between automatic checkpoints
 
 Where = tuple[str, list[Any]]  # an SQL condition over requests, and its parameters
 TIMED_OK = "success = 1 AND latency_ms IS NOT NULL"  # the rows latency averages and percentiles count
 
 # Errors of one row (bad value, duplicate request_id): retrying cannot fix them.
-ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError, sqlite3.DataError)
+# What one bad row raises (ValueError: a str SQLite cannot encode; OverflowError: an int past 64 bits):
+# the row is dropped and counted, the others written, the writer goes on.
+ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError, sqlite3.DataError,
+              ValueError, OverflowError)
 
 _INTERRUPTED = (
     "UPDATE requests SET status = 'interrupted', success = 0, "

@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import logging
 import math
+import os
 import queue
 import sqlite3
 import threading
@@ -37,6 +38,7 @@ log = logging.getLogger("arbstr.logstore")
 
 # Operations per transaction, at most. A burst into a log of a million rows: 500 → ~120 µs of CPU a
 # row, 2000 → ~105, 5000 → ~90 (each transaction rewrites its hot pages and folds its rows once).
+LINGER_SECS = 0.05            # a batch waits this long for more rows after its first (see _gather)
 BATCH_SIZE = 5000
 HEARTBEAT_SECS = 60.0         # how often a writer proves it is alive and sweeps orphaned streams
 STALE_SECS = 3 * HEARTBEAT_SECS
@@ -82,6 +84,7 @@ class LogStore:
         self._dropped = 0
         self._write_errors = 0
         self._inflight = 0
+        self._file: tuple[int, int] | None = None  # the database file the writer has open (see _file_id)
         self._last_drop: float | None = None
         self._db_ok = True
 
@@ -221,12 +224,16 @@ class LogStore:
                         break
                     continue
                 pending.append(op)
-            while len(pending) < self._batch_size:
-                try:
-                    pending.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            self._gather(pending, stopping)
             self._inflight = sum(isinstance(op, tuple) for op in pending)
+            if conn is not None and _file_id(self.path) != self._file:
+                # SQLite would go on writing into the unlinked file, and every row would be lost.
+                log.warning("request log %s: the database file was deleted or replaced; starting a new one",
+                            self.path)
+                conn.close()
+                conn = self._open()
+                if conn is not None:  # register in the new file before writing rows into it
+                    conn, due_beat, due_purge = self._housekeeping(conn, time.monotonic(), due_purge)
             if conn is not None:
                 try:
                     self._commit(conn, pending)
@@ -248,6 +255,23 @@ class LogStore:
             except sqlite3.Error as e:
                 log.warning("request log: could not deregister at shutdown: %s", e)
             conn.close()
+
+    def _gather(self, pending: list[Any], stopping: bool) -> None:
+        """Fill the batch: what is queued, then what arrives within LINGER_SECS of the first operation.
+
+        At proxy rates the queue holds one or two rows at a time, and a transaction per row would
+        cost the request threads more CPU (and the GIL) than the rows themselves. A flush or close
+        marker ends the wait at once.
+        """
+        until = time.monotonic() + LINGER_SECS
+        while len(pending) < self._batch_size:
+            if not isinstance(pending[-1], tuple):
+                return  # a marker: someone is waiting for this batch
+            left = 0.0 if stopping else until - time.monotonic()
+            try:
+                pending.append(self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait())
+            except queue.Empty:
+                return
 
     def _housekeeping(
         self, conn: sqlite3.Connection, due_beat: float, due_purge: float
@@ -273,6 +297,7 @@ class LogStore:
         except (sqlite3.Error, OSError, ValueError) as e:
             self._failed(None, e)
             return None
+        self._file = _file_id(self.path)
         self._ok()
         return conn
 
@@ -351,3 +376,12 @@ class LogStore:
             if isinstance(op, threading.Event):
                 op.set()
         pending.clear()
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    """Which file ``path`` names now (device, inode), or None if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino

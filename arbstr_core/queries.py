@@ -133,6 +133,10 @@ def _choice(args: Mapping[str, str], name: str, accepted: Sequence[str], default
     return value
 
 
+_TOO_EARLY = datetime(1, 1, 8, tzinfo=UTC)
+_TOO_LATE = datetime(9999, 12, 24, tzinfo=UTC)
+
+
 def _time(name: str, value: str) -> datetime:
     # An unencoded '+' in a query string arrives as a space: "...T10:00:00 02:00".
     value = re.sub(r"(T[\d:.]+) (\d\d:?\d\d)$", r"\1+\2", value)
@@ -143,7 +147,13 @@ def _time(name: str, value: str) -> datetime:
             f"invalid {name} '{value}': expected an ISO 8601 time such as 2026-05-01T12:00:00Z "
             "(Z or an offset; no offset means UTC)", "invalid_parameter", name,
         ) from None
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+    try:
+        dt = dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+    except OverflowError:  # an offset pushes it past year 1 or 9999
+        dt = _TOO_EARLY
+    if not _TOO_EARLY < dt < _TOO_LATE:  # room for the 7-day default range and hour buckets around it
+        raise bad_request(f"invalid {name} '{value}': out of range (years 1 to 9999, a week from either end)", "invalid_parameter", name)
+    return dt
 
 
 def _bool(args: Mapping[str, str], name: str) -> bool | None:

@@ -251,12 +251,14 @@ def test_bad_row_is_rejected_alone(db: Path) -> None:
     store.insert({"request_id": None, "status": "ok"})  # NOT NULL request_id: cannot ever be written
     store.insert({**good[2], "bogus_column": 1})  # unknown keys are ignored, the row is kept
     store.insert(good[1])  # duplicate request_id
+    store.insert({**row(10), "model": "gpt-4o\ud800"})  # a lone surrogate: no UTF-8 for SQLite
+    store.insert({**row(11), "client_retry_count": 10**30})  # past SQLite's 64-bit integers
     for r in good[3:]:
         store.insert(r)
     store.close()
     assert count(db) == 5
     health = store.health()
-    assert (health["written"], health["dropped"], health["write_errors"]) == (5, 2, 2)
+    assert (health["written"], health["dropped"], health["write_errors"]) == (5, 4, 4)
 
 
 def test_retention_deletes_old_rows_at_start_and_daily(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
