@@ -225,7 +225,6 @@ class LogStore:
                     continue
                 pending.append(op)
             self._gather(pending, stopping)
-            self._inflight = sum(isinstance(op, tuple) for op in pending)
             if conn is not None and _file_id(self.path) != self._file:
                 # SQLite would go on writing into the unlinked file, and every row would be lost.
                 log.warning("request log %s: the database file was deleted or replaced; starting a new one",
@@ -264,14 +263,17 @@ class LogStore:
         marker ends the wait at once.
         """
         until = time.monotonic() + LINGER_SECS
+        self._inflight = sum(isinstance(op, tuple) for op in pending)  # /health counts them as queued
         while len(pending) < self._batch_size:
             if not isinstance(pending[-1], tuple):
                 return  # a marker: someone is waiting for this batch
             left = 0.0 if stopping else until - time.monotonic()
             try:
-                pending.append(self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait())
+                op = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
             except queue.Empty:
                 return
+            pending.append(op)
+            self._inflight += isinstance(op, tuple)
 
     def _housekeeping(
         self, conn: sqlite3.Connection, due_beat: float, due_purge: float
