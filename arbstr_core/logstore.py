@@ -76,6 +76,7 @@ class LogStore:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, queue_size))
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._nudge = threading.Event()  # a flush or close is waiting: end a batch's linger now
         self._thread: threading.Thread | None = None
         self._closed = False
         self._deadline = math.inf
@@ -171,6 +172,7 @@ class LogStore:
             self._queue.put(marker, timeout=timeout)
         except queue.Full:
             return False
+        self._nudge.set()
         return marker.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
@@ -191,6 +193,7 @@ class LogStore:
             self._queue.put_nowait(_WAKE)
         except queue.Full:
             pass  # the writer has work and checks _stopping after each batch
+        self._nudge.set()
         thread.join(timeout + 1)
         if thread.is_alive():
             log.error("request log: writer still busy %.0f s after shutdown began", timeout)
@@ -256,24 +259,33 @@ class LogStore:
             conn.close()
 
     def _gather(self, pending: list[Any], stopping: bool) -> None:
-        """Fill the batch: what is queued, then what arrives within LINGER_SECS of the first operation.
+        """Fill the batch: what is queued, then what arrived within LINGER_SECS of the first operation.
 
         At proxy rates the queue holds one or two rows at a time, and a transaction per row would
-        cost the request threads more CPU (and the GIL) than the rows themselves. A flush or close
-        marker ends the wait at once.
+        cost the request threads more CPU (and the GIL) than the rows themselves. The linger is one
+        sleep, not a ``get`` per row: a row put meanwhile does not wake this thread (a wake-up per
+        request costs every request a context switch and a GIL hand-off). A flush or close sets
+        ``_nudge`` and ends the sleep at once.
         """
         until = time.monotonic() + LINGER_SECS
         self._inflight = sum(isinstance(op, tuple) for op in pending)  # /health counts them as queued
+        self._nudge.clear()  # before draining: a marker put after the drain sets it again
+        if self._drain(pending) and not stopping:
+            self._nudge.wait(max(0.0, until - time.monotonic()))
+            self._drain(pending)
+
+    def _drain(self, pending: list[Any]) -> bool:
+        """Take what is queued, without waiting; False once the batch is full or ends with a marker."""
         while len(pending) < self._batch_size:
             if not isinstance(pending[-1], tuple):
-                return  # a marker: someone is waiting for this batch
-            left = 0.0 if stopping else until - time.monotonic()
+                return False  # a marker: someone is waiting for this batch
             try:
-                op = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+                op = self._queue.get_nowait()
             except queue.Empty:
-                return
+                return True
             pending.append(op)
             self._inflight += isinstance(op, tuple)
+        return False
 
     def _housekeeping(
         self, conn: sqlite3.Connection, due_beat: float, due_purge: float

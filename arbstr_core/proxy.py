@@ -30,6 +30,7 @@ from .failures import SUCCESS
 from .relay import StreamContext, StreamSummary, relay
 from .retry import Attempts, Outcome, deadline_error, run_chain
 from .routing import match_policy, select_candidates
+from .secrets import scrub_bytes
 from .state import AppState
 
 log = logging.getLogger("arbstr.request")
@@ -83,13 +84,6 @@ def loggable(fields: dict[str, Any], scrub: Callable[[str], str]) -> dict[str, A
     its ``\\udXXX`` text instead of an exception on the log writer's thread)."""
     return {k: scrub(v).encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(v, str) else v
             for k, v in fields.items()}
-
-
-def scrub_bytes(body: bytes, scrub: Callable[[str], str]) -> bytes:
-    """``body`` unchanged, byte for byte, unless it contains a secret (a provider echoing its key)."""
-    text = body.decode("utf-8", "surrogateescape")
-    clean = scrub(text)
-    return body if clean == text else clean.encode("utf-8", "surrogateescape")
 
 
 def stream_body(body: dict[str, Any]) -> tuple[bytes, bool]:

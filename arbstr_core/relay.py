@@ -15,6 +15,7 @@ from typing import Any
 
 from . import sse
 from .attempt import OpenStream
+from .secrets import scrub_bytes
 from .upstream import UpstreamError
 
 COMPLETE, INTERRUPTED, CLIENT_DISCONNECTED = "complete", "interrupted", "client_disconnected"
@@ -76,6 +77,10 @@ def _events(ctx: StreamContext, opened: OpenStream, summary: StreamSummary) -> I
                     continue  # the rest of that event's CRLF, cut off by a read (see EventSplitter)
                 out = _handle(ctx, event, summary)
                 replaced = out is not event
+                # A key the provider wrote into an event (its text, an id) goes out redacted; the
+                # event keeps its framing, so a lone LF still belongs to it. A key cut across two
+                # events (one token each) is not recognised: that would mean holding back the stream.
+                out = scrub_bytes(out, ctx.scrub)
                 if out:
                     if ctx.client_gone():
                         summary.status = CLIENT_DISCONNECTED

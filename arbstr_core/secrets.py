@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hmac
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .errors import ConfigError
@@ -22,6 +22,14 @@ FRAGMENT = 12  # a run of a secret's first or last characters this long is redac
 SOURCE_LITERAL = "config-literal"
 SOURCE_EXPANDED = "env-expanded"
 SOURCE_NONE = "none"
+
+
+def scrub_bytes(body: bytes, scrub: Callable[[str], str]) -> bytes:
+    """``body`` unchanged, byte for byte (the same object), unless it contains a secret (a provider
+    echoing its key); bytes that are not UTF-8 survive the round trip as they were."""
+    text = body.decode("utf-8", "surrogateescape")
+    clean = scrub(text)
+    return body if clean == text else clean.encode("utf-8", "surrogateescape")
 
 
 class Secret:

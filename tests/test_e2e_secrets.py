@@ -82,6 +82,11 @@ def echo_success(ex: Exchange) -> None:
     Reply(200, content=f"debug: {echoed(ex)}").run(ex)
 
 
+def echo_stream_success(ex: Exchange) -> None:
+    """A streamed answer whose text quotes the key, whole in one delta, with CRLF framing."""
+    SSE(stream_chunks(ex.request.model, pieces=["debug: ", echoed(ex)]), eol=b"\r\n").run(ex)
+
+
 def test_no_secret_in_any_byte_of_a_full_session(fake_upstream, gunicorn_server, tmp_path: Path) -> None:
     alpha, beta, gamma, delta = fake_upstream(4)
     config = write_config(
@@ -135,6 +140,10 @@ def test_no_secret_in_any_byte_of_a_full_session(fake_upstream, gunicorn_server,
     r = chat()
     assert r.status_code == 200 and "[REDACTED]" in r.json()["choices"][0]["message"]["content"]
     ids.append(r.headers["x-arbstr-request-id"])
+    alpha.script(echo_stream_success)
+    r = chat({"model": "gpt-4o", "messages": MSG, "stream": True})
+    assert r.status_code == 200 and b"key rejected: Bearer [REDACTED]" in r.content
+    assert r.content.endswith(b"data: [DONE]\r\n\r\n")  # framing kept
     # Careless clients: a provider key as the model, the policy, a request id, query values.
     for key in (ALPHA_KEY, GAMMA_KEY):
         assert chat({"model": key, "messages": MSG}).status_code == 404
