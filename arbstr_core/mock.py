@@ -50,7 +50,7 @@ class _Events:
     def __init__(self, events: list[bytes]) -> None:
         self._events = events
 
-    def read1(self, amt: int = -1) -> bytes:
+    def read1(self, amt: int = -1, decode_content: bool = True) -> bytes:
         return self._events.pop(0) if self._events else b""
 
     def read(self, amt: int | None = None) -> bytes:

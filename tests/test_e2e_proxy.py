@@ -5,13 +5,14 @@ Covers the foundation (SPEC §2–§4): cheapest routing, policies, forwarding, 
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import openai
 import pytest
 import requests
 from conftest import provider
-from fakes import error, reply
+from fakes import Raw, completion_body, error, head, reply, sse_event, stream_chunks
 
 MSG = [{"role": "user", "content": "hello there"}]
 
@@ -52,6 +53,25 @@ def test_cheapest_provider_answers_with_headers_and_cost(three) -> None:
     assert sent.headers["Idempotency-Key"] == h["x-arbstr-request-id"]
     # The client's bearer token is never forwarded; cheap has no key, so no Authorization at all.
     assert "authorization" not in {k.lower() for k in sent.headers}
+    assert sent.headers["Accept-Encoding"] == "identity" and sent.headers["User-Agent"].startswith("arbstr/")
+
+
+def test_a_compressed_answer_reaches_the_client_decoded(three) -> None:
+    """arbstr asks for identity; a provider that gzips anyway is decoded, streamed or not, and its usage counted."""
+    server, ups = three
+    client = server.openai_client()
+    body = gzip.compress(json.dumps(completion_body("gpt-4o", "squeezed hello")).encode())
+    ups["cheap"].script(reply(body=body, headers={"Content-Encoding": "gzip"}))
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MSG)
+    assert raw.parse().choices[0].message.content == "squeezed hello"
+    assert float(raw.headers["x-arbstr-cost-sats"]) > 0 and "content-encoding" not in raw.headers
+
+    events = b"".join(sse_event(c) for c in stream_chunks("gpt-4o", "squeezed stream")) + b"data: [DONE]\n\n"
+    packed = gzip.compress(events)
+    ups["cheap"].script(Raw(head(200, {"Content-Type": "text/event-stream", "Content-Encoding": "gzip",
+                                       "Content-Length": str(len(packed))}) + packed))
+    chunks = list(client.chat.completions.create(model="gpt-4o", messages=MSG, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "squeezed stream"
 
 
 def test_body_fields_forwarded_untouched(three) -> None:
