@@ -122,8 +122,9 @@ def test_429_retry_after_too_long_falls_back_at_once(pair) -> None:
     assert raw.headers["x-arbstr-provider"] == "fallback"
     assert raw.headers["x-arbstr-retries"] == "1/primary"
     assert len(primary.requests) == 1 and len(fallback.requests) == 1
-    assert fallback.requests[0].received_at - primary.requests[0].received_at < 0.5
-    assert elapsed < 1.0
+    # At once: far below the 5 s cap and the 30 s asked (margins for a loaded CI machine).
+    assert fallback.requests[0].received_at - primary.requests[0].received_at < 2.0
+    assert elapsed < 2.5
 
 
 def test_every_candidate_429_gives_client_429_with_retry_after(pair) -> None:
@@ -191,14 +192,15 @@ def test_deadline_gives_504_at_once_and_one_row(fake_upstream, make_config, guni
     assert r.status_code == 504
     assert r.json()["error"]["code"] == "deadline_exceeded"
     assert r.headers["x-should-retry"] == "false"
-    assert 1.9 <= elapsed < 3.5
+    # The upstream would take 30 s; 3 s of margin past the 2 s deadline holds on a loaded CI machine.
+    assert 1.9 <= elapsed < 5.0
     # One attempt: a hung upstream may have been paid, so it is not asked again; the deadline left no
     # time for the spare.
     assert len(slow.requests) == 1 and not spare.requests
     # The abandoned attempt closes its upstream connection rather than reading on for 30 s (per-read
     # timeouts never fire on a trickle; only a total limit on the attempt does).
     closed_at = slow.connections[0].wait_closed_by_client(timeout=5)
-    assert closed_at - t0 < 3.5
+    assert closed_at - t0 < 5.0
     rid = r.headers["x-arbstr-request-id"]
     assert server.stop() == 0
     assert db_rows(tmp_path / "arbstr.db", rid) == [(rid, 504)]
