@@ -246,6 +246,7 @@ class ArbstrServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_file: Any = None
         self._clients: list[openai.OpenAI] = []
+        self._streams: list[requests.Response] = []  # closed by stop()
 
     @property
     def base_url(self) -> str:
@@ -281,14 +282,18 @@ class ArbstrServer:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0, *, close_clients: bool = True) -> int:
         """Send ``sig`` and wait for exit; returns the exit code. Kills and fails if it takes too long.
 
-        First closes the SDK clients from ``openai_client()``: an idle keep-alive connection holds a
-        gthread worker's shutdown for up to ``keepalive`` seconds. Pass ``close_clients=False`` when a
-        stream in flight through such a client must meet the signal.
+        First closes the SDK clients from ``openai_client()`` and the streams opened by ``post``: an
+        open keep-alive connection holds a gthread worker's shutdown for up to 2 s (gunicorn's stop
+        linger). Pass ``close_clients=False`` when a stream in flight through such a client must meet
+        the signal.
         """
         assert self.proc is not None, "server was never started"
         if close_clients:
             for client in self._clients:
                 client.close()
+            for response in self._streams:
+                response.close()
+            self._streams.clear()
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -335,12 +340,24 @@ class ArbstrServer:
         return client
 
     def get(self, path: str, **kw: Any) -> requests.Response:
-        kw.setdefault("timeout", 30)
-        return requests.get(self.url(path), **kw)
+        return self._request("GET", path, **kw)
 
     def post(self, path: str, **kw: Any) -> requests.Response:
+        return self._request("POST", path, **kw)
+
+    def _request(self, method: str, path: str, **kw: Any) -> requests.Response:
+        """One request with ``Connection: close`` (unless the caller sets Connection), so no idle
+        keep-alive connection outlives it: one held by a live response object (requests closes it
+        only when the response is collected) holds gunicorn's graceful shutdown for 2 s. A stream
+        not read to its end is closed by ``stop()``."""
         kw.setdefault("timeout", 30)
-        return requests.post(self.url(path), **kw)
+        headers = dict(kw.pop("headers", None) or {})
+        if not any(k.lower() == "connection" for k in headers):
+            headers["Connection"] = "close"
+        response = requests.request(method, self.url(path), headers=headers, **kw)
+        if kw.get("stream"):
+            self._streams.append(response)
+        return response
 
     def chat(self, stream: bool = False, model: str = "gpt-4o", content: str = "hi", **kw: Any) -> requests.Response:
         """POST a minimal chat completion with requests (``stream=True`` also streams the response)."""
