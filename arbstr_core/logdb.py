@@ -311,32 +311,30 @@ def purge(conn: sqlite3.Connection, before: float, chunk: int) -> int:
     return deleted
 
 
-# The hourly totals of the rows with id > ?, in requests_hourly's column order. NOT INDEXED: the new
-# rows are the last few ids, whatever an index on success might promise the planner.
-_TOTALS_AFTER = (
-    "SELECT substr(timestamp, 1, 13), COALESCE(model, '') COLLATE NOCASE, "
-    "COALESCE(provider, '') COLLATE NOCASE, COALESCE(policy, '') COLLATE NOCASE, COUNT(*), "
-    "TOTAL(success = 1), TOTAL(streaming = 1), TOTAL(success = 1 AND streaming = 1), TOTAL(input_tokens), "
-    "TOTAL(output_tokens), TOTAL(cost_sats), "
-    "COUNT(cost_sats), TOTAL(IIF(cost_sats IS NULL, 0, input_tokens)), "
+# The rows' hourly key (hour, model, provider, policy) as requests_hourly and requests_latency_hourly
+# store it, and the sums requests_hourly keeps of them (_SUMS), over rows of requests.
+HOURLY_KEY = ("substr(timestamp, 1, 13), COALESCE(model, '') COLLATE NOCASE, "
+              "COALESCE(provider, '') COLLATE NOCASE, COALESCE(policy, '') COLLATE NOCASE")
+ROW_SUMS = (
+    "COUNT(*), TOTAL(success = 1), TOTAL(streaming = 1), TOTAL(success = 1 AND streaming = 1), "
+    "TOTAL(input_tokens), TOTAL(output_tokens), "
+    "TOTAL(cost_sats), COUNT(cost_sats), TOTAL(IIF(cost_sats IS NULL, 0, input_tokens)), "
     "TOTAL(IIF(cost_sats IS NULL, 0, output_tokens)), TOTAL(IIF(success = 1, latency_ms, 0)), "
     "COUNT(IIF(success = 1, latency_ms, NULL)), TOTAL(IIF(success = 1, ttft_ms, 0)), "
-    "COUNT(IIF(success = 1, ttft_ms, NULL)) FROM requests NOT INDEXED WHERE id > ? GROUP BY 1, 2, 3, 4"
+    "COUNT(IIF(success = 1, ttft_ms, NULL))"
 )
 _SUMS = (
     "total", "success", "streaming", "ok_streaming", "input_tokens", "output_tokens", "cost_sats", "costed",
     "costed_input", "costed_output", "latency_sum", "latency_n", "ttft_sum", "ttft_n",
 )
 BAND_OF_LATENCY = "(SELECT MAX(lo) FROM latency_bands WHERE lo <= latency_ms)"  # schema.sql latency_bands
+# The rows with id > ? folded into the hourly tables. NOT INDEXED: the new rows are the last few ids,
+# whatever an index on success might promise the planner.
 _ROLL_UP = (
-    f"INSERT INTO requests_hourly {_TOTALS_AFTER} ON CONFLICT DO UPDATE SET "
-    + ", ".join(f"{c} = {c} + excluded.{c}" for c in _SUMS),
-    (
-        "INSERT INTO requests_latency_hourly SELECT substr(timestamp, 1, 13), COALESCE(model, '') COLLATE NOCASE, "
-        "COALESCE(provider, '') COLLATE NOCASE, COALESCE(policy, '') COLLATE NOCASE, "
-        f"{BAND_OF_LATENCY}, COUNT(*) FROM requests NOT INDEXED WHERE id > ? AND {TIMED_OK} "
-        "GROUP BY 1, 2, 3, 4, 5 ON CONFLICT DO UPDATE SET n = n + excluded.n"
-    ),
+    (f"INSERT INTO requests_hourly SELECT {HOURLY_KEY}, {ROW_SUMS} FROM requests NOT INDEXED WHERE id > ? "
+     "GROUP BY 1, 2, 3, 4 ON CONFLICT DO UPDATE SET " + ", ".join(f"{c} = {c} + excluded.{c}" for c in _SUMS)),
+    (f"INSERT INTO requests_latency_hourly SELECT {HOURLY_KEY}, {BAND_OF_LATENCY}, COUNT(*) FROM requests "
+     f"NOT INDEXED WHERE id > ? AND {TIMED_OK} GROUP BY 1, 2, 3, 4, 5 ON CONFLICT DO UPDATE SET n = n + excluded.n"),
 )
 
 

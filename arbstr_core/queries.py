@@ -34,7 +34,7 @@ from . import costorder, percentiles
 from .aggregate import NONE_KEY, PERCENTILES, Totals, bucket_starts, group_key
 from .config import Provider
 from .errors import ArbstrError, bad_request
-from .logdb import BAND_OF_LATENCY, Where, expected_version, format_utc
+from .logdb import BAND_OF_LATENCY, ROW_SUMS, Where, expected_version, format_utc
 
 RANGES = {
     "last_1h": timedelta(hours=1),
@@ -64,14 +64,6 @@ _ROW_COLUMNS = (
 _ROLLUP_SUMS = (
     "SUM(total), SUM(success), SUM(streaming), SUM(ok_streaming), SUM(input_tokens), SUM(output_tokens), SUM(cost_sats), "
     "SUM(costed), SUM(costed_input), SUM(costed_output), SUM(latency_sum), SUM(latency_n), SUM(ttft_sum), SUM(ttft_n)"
-)
-_RAW_SUMS = (
-    "COUNT(*), TOTAL(success = 1), TOTAL(streaming = 1), TOTAL(success = 1 AND streaming = 1), "
-    "TOTAL(input_tokens), TOTAL(output_tokens), "
-    "TOTAL(cost_sats), COUNT(cost_sats), TOTAL(IIF(cost_sats IS NULL, 0, input_tokens)), "
-    "TOTAL(IIF(cost_sats IS NULL, 0, output_tokens)), TOTAL(IIF(success = 1, latency_ms, 0)), "
-    "COUNT(IIF(success = 1, latency_ms, NULL)), TOTAL(IIF(success = 1, ttft_ms, 0)), "
-    "COUNT(IIF(success = 1, ttft_ms, NULL))"
 )
 # The rows latency percentiles count; '+' leaves the choice of index to the time and name conditions.
 _TIMED_OK = "+success = 1 AND +latency_ms IS NOT NULL"
@@ -264,7 +256,7 @@ _FROM_ROLLUP = (
     ("SELECT {key}, band, SUM(n) FROM requests_latency_hourly WHERE {cond} GROUP BY 1, 2", _add_band),
 )
 _FROM_ROWS = (
-    (f"SELECT {{key}}, COALESCE(model, '') COLLATE NOCASE, {_RAW_SUMS} FROM {{source}} WHERE {{cond}} GROUP BY 1, 2",
+    (f"SELECT {{key}}, COALESCE(model, '') COLLATE NOCASE, {ROW_SUMS} FROM {{source}} WHERE {{cond}} GROUP BY 1, 2",
      _add_sums),
     (f"SELECT {{key}}, {BAND_OF_LATENCY}, COUNT(*) FROM {{source}} WHERE {{cond}} AND {_TIMED_OK} GROUP BY 1, 2", _add_band),
 )
