@@ -9,6 +9,7 @@ Every HTTP error leaves arbstr as ``{"error": {"message", "type", "param", "code
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -33,8 +34,13 @@ class ArbstrError(Exception):
         self.param = param
         self.headers = dict(headers or {})
 
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+    def body(self, scrub: Callable[[str], str] | None = None) -> dict[str, Any]:
+        """The OpenAI error body; ``scrub`` is applied to every text field (an upstream 4xx passed
+        through brings its own message, type, param and code, and a provider may quote its key in any)."""
+        fields = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        if scrub is not None:
+            fields = {k: scrub(v) if isinstance(v, str) else v for k, v in fields.items()}
+        return {"error": fields}
 
 
 def bad_request(message: str, code: str = "invalid_request", param: str | None = None) -> ArbstrError:

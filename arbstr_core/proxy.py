@@ -183,8 +183,7 @@ class ChatRequest:
         ))
         log.info("request_id=%s model=%s provider=%s status=%d code=%s latency_ms=%d",
                  self.id, self.model, provider, error.status, error.code, latency)
-        # Every field scrubbed: an upstream 4xx passed through brings its own type, param and code.
-        body = {"error": {k: self.state.scrub(v) if isinstance(v, str) else v for k, v in error.body()["error"].items()}}
+        body = error.body(self.state.scrub)
         body["error"]["message"] = message
         return Response(json.dumps(body), error.status, headers, mimetype="application/json")
 

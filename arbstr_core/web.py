@@ -96,9 +96,7 @@ def setup_logging(config: Config, scrub: Scrubber) -> None:
 
 
 def error_response(error: ArbstrError, scrub: Scrubber) -> Response:
-    body = error.body()
-    body["error"] = {k: scrub(v) if isinstance(v, str) else v for k, v in body["error"].items()}
-    response = jsonify(body)
+    response = jsonify(error.body(scrub))
     response.status_code = error.status
     response.headers.update(error.headers)
     return response
