@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from . import queries
+from . import queries, queryargs
 from .config import Config
 from .errors import ArbstrError
 
@@ -122,7 +122,7 @@ def run_requests(cfg: Config, limit: int = 20, as_json: bool = False, out: TextI
         while len(rows) < limit:  # the API serves at most 100 a page; --limit may ask for more
             doc = queries.list_requests(
                 cfg.database.path,
-                {"since": _EVERYTHING, "page": str(page), "per_page": str(queries.MAX_PER_PAGE)},
+                {"since": _EVERYTHING, "page": str(page), "per_page": str(queryargs.MAX_PER_PAGE)},
             )
             rows.extend(doc["data"][: limit - len(rows)])
             total = doc["total"]

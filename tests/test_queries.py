@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from arbstr_core import logdb, queries
+from arbstr_core import logdb, queries, queryargs
 from arbstr_core.config import Config, DatabaseConfig, Provider
 from arbstr_core.errors import ArbstrError
 from arbstr_core.logapi import logapi
@@ -172,7 +172,7 @@ def core(doc: dict[str, Any]) -> dict[str, Any]:
 def test_stats_totals_per_range(dataset, percentile_path, range_) -> None:
     path, rows = dataset
     doc = queries.stats(path, {"range": range_} if range_ else {}, PROVIDERS, now=NOW)
-    since = NOW - queries.RANGES[range_ or "last_7d"]
+    since = NOW - queryargs.RANGES[range_ or "last_7d"]
     assert doc["since"] == logdb.format_utc(since) and doc["until"] == logdb.format_utc(NOW)
     assert core(doc) == expected(select(rows, since, NOW))
     assert "groups" not in doc
@@ -280,12 +280,12 @@ def test_stats_of_nothing(dataset, tmp_path) -> None:
 
 
 @pytest.mark.parametrize(("args", "param", "accepted"), [
-    ({"range": "last_2d"}, "range", tuple(queries.RANGES)),
+    ({"range": "last_2d"}, "range", tuple(queryargs.RANGES)),
     ({"since": "yesterday"}, "since", ("ISO 8601",)),
     ({"until": "2026-13-01"}, "until", ("ISO 8601",)),
     ({"range": "last_1h", "since": "2026-05-01T00:00:00Z"}, "range", ()),
     ({"since": "2026-05-02T00:00:00Z", "until": "2026-05-01T00:00:00Z"}, "since", ()),
-    ({"group_by": "week"}, "group_by", queries.GROUP_BY),
+    ({"group_by": "week"}, "group_by", queryargs.GROUP_BY),
     ({"group_by": "hour", "since": "1900-01-01T00:00:00Z"}, "group_by", ()),
 ])
 def test_stats_rejects_bad_parameters(dataset, args, param, accepted) -> None:
