@@ -52,6 +52,8 @@ WAL_CHECKPOINT_PAGES = 10000  # about 40 MB of WAL between automatic checkpoints
 
 Where = tuple[str, list[Any]]  # an SQL condition over requests, and its parameters
 TIMED_OK = "success = 1 AND latency_ms IS NOT NULL"  # the rows latency averages and percentiles count
+# The same rows where another index should narrow the set: "+" keeps these columns out of the choice.
+TIMED_OK_UNINDEXED = "+success = 1 AND +latency_ms IS NOT NULL"
 
 # Errors of one row (bad value, duplicate request_id): retrying cannot fix them.
 # What one bad row raises (ValueError: a str SQLite cannot encode; OverflowError: an int past 64 bits):

@@ -32,7 +32,7 @@ from . import costorder, percentiles
 from .aggregate import NONE_KEY, PERCENTILES, Totals, bucket_starts, group_key
 from .config import Provider
 from .errors import ArbstrError
-from .logdb import BAND_OF_LATENCY, ROW_SUMS, Where, expected_version, format_utc
+from .logdb import BAND_OF_LATENCY, ROW_SUMS, TIMED_OK_UNINDEXED, Where, expected_version, format_utc
 from .queryargs import Filters, parse_list_args, parse_stats_args
 
 # Percentiles of at most SMALL_SET latencies, or of 1/SORT_SHARE of the table, are sorted in Python
@@ -53,8 +53,6 @@ _ROLLUP_SUMS = (
     "SUM(total), SUM(success), SUM(streaming), SUM(ok_streaming), SUM(input_tokens), SUM(output_tokens), SUM(cost_sats), "
     "SUM(costed), SUM(costed_input), SUM(costed_output), SUM(latency_sum), SUM(latency_n), SUM(ttft_sum), SUM(ttft_n)"
 )
-# The rows latency percentiles count; '+' leaves the choice of index to the time and name conditions.
-_TIMED_OK = "+success = 1 AND +latency_ms IS NOT NULL"
 # Rows in the table, estimated from the rowids in O(log n) (retention deletes the oldest rows first).
 _TABLE_ROWS = "SELECT COALESCE((SELECT MAX(id) FROM requests) - (SELECT MIN(id) FROM requests) + 1, 0)"
 # group_by → (key over requests_hourly, key over requests)
@@ -126,7 +124,7 @@ _FROM_ROLLUP = (
 _FROM_ROWS = (
     (f"SELECT {{key}}, COALESCE(model, '') COLLATE NOCASE, {ROW_SUMS} FROM {{source}} WHERE {{cond}} GROUP BY 1, 2",
      _add_sums),
-    (f"SELECT {{key}}, {BAND_OF_LATENCY}, COUNT(*) FROM {{source}} WHERE {{cond}} AND {_TIMED_OK} GROUP BY 1, 2", _add_band),
+    (f"SELECT {{key}}, {BAND_OF_LATENCY}, COUNT(*) FROM {{source}} WHERE {{cond}} AND {TIMED_OK_UNINDEXED} GROUP BY 1, 2", _add_band),
 )
 
 
