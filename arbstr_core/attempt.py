@@ -20,7 +20,7 @@ from .errors import ArbstrError
 from .failures import Verdict
 from .retry import AttemptResult
 from .sse import EventSplitter, event_data, parse_json
-from .upstream import Cutoff, Upstream, UpstreamError, finish, read_body, read_chunks
+from .upstream import Cutoff, Upstream, UpstreamError, finish, read_body, read_chunks, set_read_timeout
 
 ERROR_BODY_LIMIT = 64 * 1024
 STREAM_ERROR = Verdict("stream_error", retry_same=False, fallback=True, breaker=failures.FAILURE)
@@ -47,6 +47,7 @@ class Caller:
         *,
         connect_timeout: float,
         read_timeout: float,
+        idle_timeout: float | None = None,
         max_response_bytes: int,
         max_retry_after: float,
         scrub: Callable[[str], str],
@@ -56,13 +57,18 @@ class Caller:
         self.request_id = request_id
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.idle_timeout = idle_timeout
         self.max_response_bytes = max_response_bytes
         self.max_retry_after = max_retry_after
         self.scrub = scrub
         self.cutoff = Cutoff()  # fired by the request thread when the deadline passes
 
     def _post(self, provider: Provider, left: float | None, stream: bool) -> requests.Response:
+        """Send to ``provider``: the read timeout is its ``timeout_secs`` (a hung provider is left for
+        the next candidate) or the caller's default, capped by the time left of the deadline."""
         connect, read = self.connect_timeout, self.read_timeout
+        if provider.timeout_secs is not None:
+            read = min(read, provider.timeout_secs)
         if left is not None:
             connect, read = min(connect, left), min(read, left)
         return self.upstream.post(
@@ -121,6 +127,8 @@ class Caller:
                     if err is not None and "error" in err and "choices" not in err:
                         resp.close()
                         return AttemptResult(STREAM_ERROR, resp.status_code, self._message(err, data))
+                    if provider.timeout_secs is not None and self.idle_timeout is not None:
+                        set_read_timeout(resp, self.idle_timeout)  # the first event came: now silence is idleness
                     # Hold every event of this read, not just up to the first data event: one read
                     # often carries several events, and the relay starts after the held ones.
                     opened = OpenStream(resp, chunks, splitter, held + events)
@@ -149,14 +157,15 @@ class Caller:
         message = self._message(parsed, raw)
         verdict = failures.classify_status(resp.status_code, retry_after, self.max_retry_after)
         payload = None
-        if verdict is failures.CLIENT_FAULT:
+        if verdict in (failures.CLIENT_FAULT, failures.MODEL_NOT_FOUND):
             err = parsed.get("error") if parsed else None
             err = err if isinstance(err, dict) else {}
             payload = ArbstrError(
                 resp.status_code,
                 message,
                 type=_str(err.get("type")) or "invalid_request_error",
-                code=_str(err.get("code")) or "upstream_rejected_request",
+                code=_str(err.get("code")) or ("model_not_found" if resp.status_code == 404
+                                               else "upstream_rejected_request"),
                 param=_str(err.get("param")),
             )
         return AttemptResult(verdict, resp.status_code, message, retry_after, payload)

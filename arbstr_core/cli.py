@@ -8,8 +8,8 @@ import os
 import sys
 from typing import TextIO
 
-from . import report
-from .config import Config
+from . import report, startup
+from .config import Config, split_listen
 from .errors import ConfigError
 from .web import load_config
 
@@ -22,14 +22,20 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     from .server import EmbeddedServer, settings
 
     config = _config(args)
+    server = config.server
     if args.listen:
-        config = dataclasses.replace(config, server=dataclasses.replace(config.server, listen=args.listen))
-    EmbeddedServer(config, settings(config, args.workers, args.threads)).run()
+        server = dataclasses.replace(server, listen=args.listen)
+    if args.threads:
+        server = dataclasses.replace(server, threads=args.threads)  # the app's executor sizes itself by it too
+    config = dataclasses.replace(config, server=server)
+    startup.check_listen(config)  # refuse before gunicorn starts; a worker would only refuse after binding
+    EmbeddedServer(config, settings(config, args.workers)).run()
     return 0
 
 
 def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     config = _config(args)
+    exposure = startup.check_listen(config)
     print(f"config:        {config.path}", file=out)
     print(f"listen:        {config.server.listen}", file=out)
     print(f"providers:     {len(config.providers)}", file=out)
@@ -40,6 +46,8 @@ def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
         print(f"  {p.name}: key source {p.key_source}", file=out)
     for warning in config.warnings:
         print(f"warning: {warning}", file=out)
+    if exposure:
+        print(f"warning: {exposure}", file=out)
     print("config OK", file=out)
     return 0
 
@@ -69,6 +77,20 @@ def cmd_requests(args: argparse.Namespace, out: TextIO) -> int:
     return report.run_requests(_config(args), limit=args.limit, as_json=args.json, out=out)
 
 
+def _listen(value: str) -> str:
+    try:
+        split_listen(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"'{value}' must be a whole number ≥ 1")
+    return int(value)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="arbstr", description="Route OpenAI chat completions to the cheapest provider.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -82,9 +104,10 @@ def parser() -> argparse.ArgumentParser:
         return c
 
     serve = command("serve", "run the proxy under gunicorn (gthread workers)", cmd_serve)
-    serve.add_argument("-l", "--listen", help="HOST:PORT, overrides [server] listen")
-    serve.add_argument("--workers", type=int, default=1)
-    serve.add_argument("--threads", type=int, default=16)
+    serve.add_argument("-l", "--listen", type=_listen, help="HOST:PORT, overrides [server] listen")
+    serve.add_argument("--workers", type=_positive, default=1)
+    serve.add_argument("--threads", type=_positive, default=None,
+                       help="streams each worker serves at once (default: [server] threads, 256)")
     command("check", "validate the config without contacting anything", cmd_check)
     command("providers", "list providers, models, rates and masked keys", cmd_providers)
     stats = command("stats", "spend, tokens and latency from the request log", cmd_stats)

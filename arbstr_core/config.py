@@ -7,6 +7,7 @@ Every error names the file, the key and the fix.
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 import tomllib
@@ -23,6 +24,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _NUM = (int, float)
 _SECRET_KEYS = frozenset({"api_key", "auth_token"})
+_TYPE_NAMES = {int: "an integer", str: "a string", bool: "true or false", list: "an array", dict: "a table"}
 # table → key → (accepted types, default). None as a default means "required" for providers.
 _TABLES: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
     "server": {
@@ -34,6 +36,8 @@ _TABLES: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "max_body_bytes": ((int,), 10 * 1024 * 1024),
         "rate_limit_rps": (_NUM, 0),
         "max_concurrent": ((int,), 0),
+        "threads": ((int,), 256),
+        "allow_unauthenticated": ((bool,), False),
     },
     "database": {
         "path": ((str,), "./arbstr.db"),
@@ -62,6 +66,7 @@ _TABLES: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "input_rate": (_NUM, 0),
         "output_rate": (_NUM, 0),
         "base_fee": (_NUM, 0),
+        "timeout_secs": (_NUM, None),
     },
     "policies": {
         "default_strategy": ((str,), "cheapest"),
@@ -87,6 +92,8 @@ class ServerConfig:
     max_body_bytes: int = 10 * 1024 * 1024
     rate_limit_rps: float = 0
     max_concurrent: int = 0
+    threads: int = 256
+    allow_unauthenticated: bool = False
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,7 @@ class Provider:
     base_fee: float = 0
     api_key: Secret | None = None
     key_source: str = "none"
+    timeout_secs: float | None = None  # longest wait for an answer / first event; None = the deadline
 
     @property
     def endpoint(self) -> str:
@@ -226,6 +234,11 @@ def from_mapping(
     for key in ("rate_limit_rps", "max_concurrent"):
         if getattr(server_cfg, key) < 0:
             raise ConfigError(f"{path}: [server] {key} must be 0 (unlimited) or positive")
+    if server_cfg.threads < 1:
+        raise ConfigError(
+            f"{path}: [server] threads must be at least 1 (it is how many streams a worker serves at once); "
+            "remove it to use the default 256"
+        )
 
     database = DatabaseConfig(**_table(raw, "database", path))
     if database.retention_days < 0 or database.queue_size <= 0:
@@ -278,20 +291,37 @@ def _table(raw: Mapping[str, Any], name: str, path: str, value: Any = None, labe
             out[key] = default
             continue
         v = value[key]
-        ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in types)
-        if not ok:
-            want = " or ".join("number" if t in (int, float) else t.__name__ for t in dict.fromkeys(types))
+        if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
             # A mistyped key or token is still a key: name its type, never echo its value.
             got = type(v).__name__ if key in _SECRET_KEYS else f"{type(v).__name__} {v!r}"
-            raise ConfigError(f"{path}: {label} {key} must be a {want}, got {got}")
+            raise ConfigError(f"{path}: {label} {key} must be {_type_name(types)}, got {got}")
+        if isinstance(v, float) and not math.isfinite(v):
+            # TOML has inf and nan; neither is a rate, a limit or a timeout anyone means.
+            raise ConfigError(f"{path}: {label} {key} must be a finite number, got {v!r}")
         out[key] = v
     return out
 
 
-def _check_listen(listen: str, path: str) -> None:
+def _type_name(types: tuple[type, ...]) -> str:
+    """How an error names the expected type: ints are numbers too where floats are allowed."""
+    if float in types:
+        return "a number"
+    return " or ".join(_TYPE_NAMES.get(t, f"a {t.__name__}") for t in types)
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` → (host, port), IPv6 brackets removed; ValueError naming the expected shape."""
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{path}: [server] listen '{listen}' must be HOST:PORT, for example 127.0.0.1:8080")
+        raise ValueError(f"'{listen}' must be HOST:PORT, for example 127.0.0.1:8080")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def _check_listen(listen: str, path: str) -> None:
+    try:
+        split_listen(listen)
+    except ValueError as e:
+        raise ConfigError(f"{path}: [server] listen {e}") from None
 
 
 def _providers(raw: Any, env: Mapping[str, str], path: str, warnings: list[str]) -> tuple[Provider, ...]:
@@ -316,6 +346,10 @@ def _providers(raw: Any, env: Mapping[str, str], path: str, warnings: list[str])
         for key in ("input_rate", "output_rate", "base_fee"):
             if values[key] < 0:
                 raise ConfigError(f"{path}: {label} {key} must be ≥ 0")
+        if values["timeout_secs"] is not None and values["timeout_secs"] <= 0:
+            raise ConfigError(
+                f"{path}: {label} timeout_secs must be positive; remove it to wait up to the request's deadline"
+            )
         key = resolve_key(name, values["api_key"], env, f"{path}: {label} api_key")
         if key.source == SOURCE_LITERAL:
             warnings.append(
@@ -332,9 +366,34 @@ def _providers(raw: Any, env: Mapping[str, str], path: str, warnings: list[str])
                 base_fee=values["base_fee"],
                 api_key=key.secret,
                 key_source=key.source,
+                timeout_secs=values["timeout_secs"],
             )
         )
+    warnings.extend(_provider_warnings(out, path))
     return tuple(out)
+
+
+def _provider_warnings(providers: list[Provider], path: str) -> list[str]:
+    """Mistakes that still load: a url arbstr would extend twice, and one key at two providers."""
+    out: list[str] = []
+    for p in providers:
+        base = p.url.rstrip("/")
+        if base.endswith("/chat/completions"):
+            out.append(
+                f"{path}: provider '{p.name}' url '{p.url}' already ends in /chat/completions and arbstr appends "
+                f"that itself (it would post to {p.endpoint}); set url = \"{base.removesuffix('/chat/completions')}\""
+            )
+    sharing: dict[Secret, list[str]] = {}
+    for p in providers:
+        if p.api_key is not None:
+            sharing.setdefault(p.api_key, []).append(p.name)
+    for names in sharing.values():
+        if len(names) > 1:
+            out.append(
+                f"{path}: providers {', '.join(repr(n) for n in names)} use the same api_key; a Cashu token "
+                "redeemed at one node is spent for the others, so give each provider its own key"
+            )
+    return out
 
 
 def _policies(raw: Any, path: str) -> PoliciesConfig:

@@ -12,14 +12,18 @@ from .config import Provider
 from .routing import message_text
 
 DEFAULT_OUTPUT_ESTIMATE = 256
+MAX_TOKENS = 2**53  # above this a count is no real usage (and no longer exact as a float): unknown
 
 
 def tokens(usage: Any) -> tuple[int, int] | None:
-    """(input, output) tokens from an OpenAI ``usage`` object, or None when absent or malformed."""
+    """(input, output) tokens from an OpenAI ``usage`` object, or None when absent or malformed.
+
+    Absurd counts (``10**400``) are malformed too: they would overflow the cost arithmetic.
+    """
     if not isinstance(usage, dict):
         return None
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (prompt, completion)):
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_TOKENS for v in (prompt, completion)):
         return None
     return prompt, completion
 
@@ -32,7 +36,8 @@ def usage_cost(provider: Provider, usage: Any) -> tuple[int | None, int | None, 
     counted = tokens(usage)
     if counted is None:
         return None, None, None
-    return counted[0], counted[1], cost_sats(provider, *counted)
+    cost = cost_sats(provider, *counted)
+    return counted[0], counted[1], cost if math.isfinite(cost) else None
 
 
 def header_value(cost: float) -> str:

@@ -28,9 +28,11 @@ RATE_LIMITED_LONG = Verdict("rate_limited", retry_same=False, fallback=True, bre
 SENT_FAILED = Verdict("read_failed", retry_same=False, fallback=True, breaker=FAILURE)
 BAD_BODY = Verdict("invalid_body", retry_same=False, fallback=True, breaker=FAILURE)
 KEY_REJECTED = Verdict("provider_auth", retry_same=False, fallback=True, breaker=NEUTRAL)
+# Another provider may serve the model; when none does, the last 404 goes back to the client.
+MODEL_NOT_FOUND = Verdict("model_not_found", retry_same=False, fallback=True, breaker=NEUTRAL)
 CLIENT_FAULT = Verdict("client_fault", retry_same=False, fallback=False, breaker=NEUTRAL)
 
-CLIENT_FAULT_STATUSES = frozenset({400, 404, 409, 413, 422})
+CLIENT_FAULT_STATUSES = frozenset({400, 409, 413, 422})
 
 
 def classify_status(status: int, retry_after: float | None = None, max_retry_after: float = 0) -> Verdict:
@@ -43,6 +45,8 @@ def classify_status(status: int, retry_after: float | None = None, max_retry_aft
         return RATE_LIMITED
     if status in (401, 402, 403):
         return KEY_REJECTED
+    if status == 404:
+        return MODEL_NOT_FOUND
     if status in CLIENT_FAULT_STATUSES:
         return CLIENT_FAULT
     if status >= 500:

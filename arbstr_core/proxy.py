@@ -26,7 +26,7 @@ from . import cost as costs
 from .attempt import Caller, OpenStream
 from .config import PolicyRule, Provider
 from .errors import ArbstrError, bad_request
-from .failures import SUCCESS
+from .failures import FAILURE, SUCCESS
 from .relay import StreamContext, StreamSummary, relay
 from .retry import Attempts, Outcome, deadline_error, run_chain
 from .routing import match_policy, select_candidates
@@ -109,6 +109,7 @@ class ChatRequest:
         self.policy: PolicyRule | None = None
         self.streaming = False
         self.client_retry_count = _int_or_none(request.headers.get("x-stainless-retry-count"))
+        self.attempts = Attempts()
         self.logged = False
 
     def finalize(self, response: Response) -> None:
@@ -116,6 +117,10 @@ class ChatRequest:
         answers Flask produced itself (401 from auth, 405, 413)."""
         for name, value in self.headers.items():
             response.headers.setdefault(name, value)
+        if response.status_code >= 400 and self.attempts.sent:
+            # Even a crash in arbstr: a provider may already charge for this request, and SDKs re-send
+            # 409, 429 and 5xx unless told not to.
+            response.headers["x-should-retry"] = "false"
         if not self.logged:
             error = response.get_json(silent=True) or {}
             error = error.get("error") if isinstance(error.get("error"), dict) else {}
@@ -157,13 +162,14 @@ class ChatRequest:
     def fail(self, error: ArbstrError, outcome: Outcome | None = None) -> Response:
         """Answer with an OpenAI error; log its row."""
         headers = dict(self.headers)
-        provider = outcome.provider.name if outcome and outcome.provider else None
-        retries = outcome.attempts.header() if outcome else None
+        # The provider that answered, or the last one sent the request (a 504): it may charge for it.
+        provider = outcome.provider.name if outcome and outcome.provider else self.attempts.last
+        retries = self.attempts.header()
         if provider:
             headers["x-arbstr-provider"] = provider
         if retries:
             headers["x-arbstr-retries"] = retries
-        if error.status in EXHAUSTED:
+        if error.status in EXHAUSTED or self.attempts.sent:
             headers["x-should-retry"] = "false"
         headers.update(error.headers)
         if error.code == "all_circuits_open":
@@ -223,11 +229,11 @@ def handle(chat: ChatRequest, request: Request) -> Response:
             slot.release()
 
 
-def _caller(chat: ChatRequest, body: bytes, read_timeout: float) -> Caller:
+def _caller(chat: ChatRequest, body: bytes, read_timeout: float, idle_timeout: float | None = None) -> Caller:
     server = chat.state.config.server
     return Caller(
         chat.state.upstream, body, chat.id,
-        connect_timeout=server.connect_timeout_secs, read_timeout=read_timeout,
+        connect_timeout=server.connect_timeout_secs, read_timeout=read_timeout, idle_timeout=idle_timeout,
         max_response_bytes=MAX_RESPONSE_BYTES, max_retry_after=chat.state.config.retry.max_retry_after_secs,
         scrub=chat.state.scrub,
     )
@@ -240,7 +246,7 @@ def _complete(chat: ChatRequest, raw: bytes, candidates: list[Provider]) -> Resp
     deadline = time.monotonic() + timeout
     cancel = threading.Event()
     caller = _caller(chat, raw, timeout)
-    attempts = Attempts()
+    attempts = chat.attempts
 
     def chain() -> Outcome:
         outcome = run_chain(candidates, caller.json, retry=state.config.retry, breakers=state.breakers,
@@ -271,7 +277,7 @@ def _complete(chat: ChatRequest, raw: bytes, candidates: list[Provider]) -> Resp
     headers["x-arbstr-latency-ms"] = str(latency)
     if cost is not None:
         headers["x-arbstr-cost-sats"] = costs.header_value(cost)
-    retries = outcome.attempts.header()
+    retries = chat.attempts.header()
     if retries:
         headers["x-arbstr-retries"] = retries
     chat.insert(chat.row(
@@ -291,15 +297,16 @@ def _stream(chat: ChatRequest, body: dict[str, Any], candidates: list[Provider],
     """
     state = chat.state
     upstream_body, wants_usage = stream_body(body)
-    caller = _caller(chat, upstream_body, state.config.server.stream_idle_timeout_secs)
+    idle = state.config.server.stream_idle_timeout_secs
+    caller = _caller(chat, upstream_body, idle, idle_timeout=idle)
     outcome = run_chain(candidates, caller.stream, retry=state.config.retry, breakers=state.breakers,
-                        cancel=threading.Event())
+                        cancel=threading.Event(), attempts=chat.attempts)
     if outcome.error is not None:
         return chat.fail(outcome.error, outcome), False
     assert outcome.provider is not None and outcome.result is not None and outcome.permit is not None
     provider, permit = outcome.provider, outcome.permit
     opened: OpenStream = outcome.result.payload
-    retries = outcome.attempts.header()
+    retries = chat.attempts.header()
     headers = dict(chat.headers)
     headers.update({"x-arbstr-provider": provider.name, "x-arbstr-streaming": "true",
                     "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -309,13 +316,9 @@ def _stream(chat: ChatRequest, body: dict[str, Any], candidates: list[Provider],
                                    latency_ms=None))
 
     def on_end(summary: StreamSummary) -> None:
+        ok = summary.status == "complete"
         try:
             input_tokens, output_tokens, cost = costs.usage_cost(provider, summary.usage)
-            ok = summary.status == "complete"
-            if summary.status == "client_disconnected":
-                state.breakers.release(permit)
-            else:
-                state.breakers.record(permit, "success" if ok else "failure", summary.error)
             if ok:
                 state.latency.add(provider.name, summary.duration_ms or 0)
             state.logstore.update(chat.id, loggable({
@@ -328,16 +331,27 @@ def _stream(chat: ChatRequest, body: dict[str, Any], candidates: list[Provider],
             log.info("request_id=%s model=%s provider=%s stream=%s ttft_ms=%s duration_ms=%s cost_sats=%s",
                      chat.id, chat.model, provider.name, summary.status, summary.ttft_ms, summary.duration_ms,
                      _fmt(cost))
-        finally:
+        finally:  # whatever failed above, the permit and the slot are never left taken
+            if summary.status == "client_disconnected":
+                state.breakers.release(permit)
+            else:
+                state.breakers.record(permit, SUCCESS if ok else FAILURE, summary.error)
             if state.slots is not None:
                 state.slots.release()
 
     ctx = StreamContext(
         request_id=chat.id, provider=provider.name, started=chat.started, client_wants_usage=wants_usage,
+        choices=_choices(body),
         cost=lambda usage: costs.usage_cost(provider, usage)[2], on_end=on_end, scrub=state.scrub,
         client_gone=(lambda: _peer_closed(client)) if client is not None else (lambda: False),
     )
     return Response(relay(ctx, opened), 200, headers, mimetype="text/event-stream", direct_passthrough=True), True
+
+
+def _choices(body: dict[str, Any]) -> int:
+    """How many choices the stream will finish (``n``): all finished and a clean end is complete."""
+    n = body.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1
 
 
 def _client_socket(request: Request) -> socket.socket | None:

@@ -8,9 +8,11 @@ an upstream break or silence, EOF, the client leaving), the upstream response is
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import sse
@@ -18,7 +20,11 @@ from .attempt import OpenStream
 from .secrets import scrub_bytes
 from .upstream import UpstreamError
 
+log = logging.getLogger("arbstr.relay")
+
 COMPLETE, INTERRUPTED, CLIENT_DISCONNECTED = "complete", "interrupted", "client_disconnected"
+# A chunk that finishes a choice ("finish_reason": "stop"); most chunks carry "finish_reason": null.
+_FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
 
 
 @dataclass
@@ -29,6 +35,7 @@ class StreamSummary:
     duration_ms: int | None = None
     error: str | None = None
     saw_done: bool = False
+    finished: set[int] = field(default_factory=set)  # indexes of the choices given a finish_reason
 
 
 @dataclass
@@ -41,6 +48,7 @@ class StreamContext:
     on_end: Callable[[StreamSummary], None]
     scrub: Callable[[str], str]
     client_gone: Callable[[], bool] = lambda: False
+    choices: int = 1  # the request's ``n``
 
 
 def _ms(ctx: StreamContext) -> int:
@@ -50,7 +58,14 @@ def _ms(ctx: StreamContext) -> int:
 def relay(ctx: StreamContext, opened: OpenStream) -> Iterator[bytes]:
     summary = StreamSummary()
     try:
-        yield from _events(ctx, opened, summary)
+        try:
+            yield from _events(ctx, opened, summary)
+        except Exception:
+            # A bug of ours must still end the stream as an error the client sees, never as a cut
+            # connection or (worse) a stream that looks complete.
+            log.exception("request_id=%s stream relay failed", ctx.request_id)
+            summary.status, summary.saw_done = INTERRUPTED, False
+            summary.error = "internal error in arbstr while relaying the stream"
         if summary.status == INTERRUPTED and not summary.saw_done:
             # After [DONE] the client reads nothing more; an upstream error event before it was relayed.
             yield sse.error_event(
@@ -90,11 +105,29 @@ def _events(ctx: StreamContext, opened: OpenStream, summary: StreamSummary) -> I
                     return
             chunk = next(chunks, None)
             if chunk is None:
+                if len(summary.finished) >= ctx.choices and not opened.splitter.pending().strip():
+                    # Every choice finished and the body ended cleanly: complete, though the provider
+                    # left out [DONE]. The client gets arbstr's trailer and [DONE] as usual (SPEC §6.2).
+                    yield _done(ctx, summary, sse.DONE_EVENT)
+                    return
                 summary.error = "the provider ended the stream without [DONE]"
                 return
             pending = opened.splitter.feed(chunk)
     except UpstreamError as e:
         summary.error = "provider went silent" if e.timeout else f"connection to the provider broke ({e})"
+
+
+def _done(ctx: StreamContext, summary: StreamSummary, done: bytes) -> bytes:
+    """The end of a stream: arbstr's ``: arbstr`` comment, then the ``[DONE]`` event."""
+    summary.saw_done = True
+    summary.status = COMPLETE if summary.error is None else INTERRUPTED
+    trailer = {
+        "cost_sats": ctx.cost(summary.usage),
+        "latency_ms": _ms(ctx),
+        "provider": ctx.provider,
+        "request_id": ctx.request_id,
+    }
+    return sse.comment("arbstr " + json.dumps(trailer, separators=(", ", ": "))) + done
 
 
 def _handle(ctx: StreamContext, event: bytes, summary: StreamSummary) -> bytes:
@@ -103,23 +136,16 @@ def _handle(ctx: StreamContext, event: bytes, summary: StreamSummary) -> bytes:
     if data is None:
         return event  # comments and keep-alives pass through
     if data == sse.DONE:
-        summary.saw_done = True
-        summary.status = COMPLETE if summary.error is None else INTERRUPTED
-        trailer = {
-            "cost_sats": ctx.cost(summary.usage),
-            "latency_ms": _ms(ctx),
-            "provider": ctx.provider,
-            "request_id": ctx.request_id,
-        }
-        return sse.comment("arbstr " + json.dumps(trailer, separators=(", ", ": "))) + event
+        return _done(ctx, summary, event)
     wants_ttft = summary.ttft_ms is None
-    if not (wants_ttft or b'"usage"' in data or b'"error"' in data):
+    if not (wants_ttft or b'"usage"' in data or b'"error"' in data or _FINISHED.search(data)):
         return event
     chunk = sse.parse_json(data)
     if chunk is None:
         return event
     if wants_ttft and sse.has_content(chunk):
         summary.ttft_ms = _ms(ctx)
+    summary.finished.update(sse.finished_choices(chunk))
     if "error" in chunk and "choices" not in chunk:
         # Relayed so the client's SDK raises, but scrubbed: providers echo keys in error messages.
         err = chunk["error"]

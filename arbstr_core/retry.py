@@ -19,9 +19,11 @@ from typing import Any
 from .breaker import BreakerRegistry, Permit
 from .config import Provider, RetryConfig
 from .errors import ArbstrError
-from .failures import CLIENT_FAULT, OK, Verdict
+from .failures import CLIENT_FAULT, MODEL_NOT_FOUND, OK, Verdict
 
 MAX_CLIENT_RETRY_AFTER = 60
+# No new attempt with less time left: no provider answers that fast, but it may still charge for it.
+MIN_ATTEMPT_SECS = 0.1
 
 
 @dataclass
@@ -44,17 +46,24 @@ class Attempts:
     Shared with the request thread, which calls :meth:`abandon` when the deadline passes: the attempt
     sent and not yet counted as failed (``pending``) failed too. The lock makes sure that attempt is
     counted exactly once, whichever thread gets there first, and nothing is counted after.
+    ``last`` is the provider most recently sent the request: whoever may charge for it.
     """
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
         self.pending: str | None = None
+        self.last: str | None = None
         self._closed = False
         self._lock = threading.Lock()
 
+    @property
+    def sent(self) -> bool:
+        """Whether any attempt was sent: from then on a client's re-send may be paid again."""
+        return self.last is not None
+
     def start(self, provider: str) -> None:
         with self._lock:
-            self.pending = provider
+            self.pending = self.last = provider
 
     def add(self, provider: str) -> None:
         """One failed attempt at ``provider``."""
@@ -115,12 +124,14 @@ def run_chain(
     """Try candidates in order: the first up to 1 + max_retries times, later ones once each.
 
     ``attempt(provider, time_left)`` is called with the seconds left before ``deadline`` (or None).
-    Raises :class:`Abandoned` when ``cancel`` is set; the permit in hand is released unrecorded.
+    Raises :class:`Abandoned` when ``cancel`` is set. An attempt in flight when that happened and cut
+    off by it (or failed anyway) is recorded as the failure it is, so a provider that hangs until the
+    deadline trips its breaker (SPEC §5.2); one that answered too late releases its permit unrecorded.
     ``attempts``, if given, is filled in as the chain goes, for a caller that stops waiting for it.
     """
     attempts = Attempts() if attempts is None else attempts
     last: tuple[Provider, AttemptResult] | None = None
-    all_rate_limited = True
+    all_rate_limited = all_not_found = True
     retry_afters: list[float] = []
     reached_any = False
     for index, provider in enumerate(candidates):
@@ -131,7 +142,7 @@ def run_chain(
             if cancel.is_set():
                 raise Abandoned
             left = None if deadline is None else deadline - clock()
-            if left is not None and left <= 0:
+            if left is not None and left < MIN_ATTEMPT_SECS:
                 return Outcome(attempts, error=deadline_error())
             permit = breakers.acquire(provider.name)
             if permit is None:
@@ -143,8 +154,11 @@ def run_chain(
                 breakers.release(permit)
                 raise
             if cancel.is_set():
-                breakers.release(permit)
                 result.close()
+                if result.verdict is OK:
+                    breakers.release(permit)  # answered, but too late to be used: no outcome
+                else:
+                    breakers.record(permit, result.verdict.breaker, f"{result.verdict.kind}: {result.message}"[:300])
                 raise Abandoned
             reached_any = True
             if result.verdict is OK:
@@ -156,6 +170,8 @@ def run_chain(
                 retry_afters.append(result.retry_after if result.retry_after is not None else 1)
             else:
                 all_rate_limited = False
+            if result.verdict is not MODEL_NOT_FOUND:
+                all_not_found = False
             if result.verdict is CLIENT_FAULT:
                 # The request's own fault: the attempt function shaped the upstream error for the client.
                 return Outcome(attempts, provider=provider, error=result.payload)
@@ -177,6 +193,8 @@ def run_chain(
         ))
     assert last is not None
     provider, result = last
+    if all_not_found:
+        return Outcome(attempts, provider=provider, error=result.payload)  # no provider knows the model
     if all_rate_limited:
         wait = min(max(1, math.ceil(min(retry_afters))), MAX_CLIENT_RETRY_AFTER)
         return Outcome(attempts, provider=provider, error=ArbstrError(

@@ -94,6 +94,16 @@ def has_content(chunk: dict[str, Any]) -> bool:
     return False
 
 
+def finished_choices(chunk: dict[str, Any]) -> set[int]:
+    """Indexes of the choices this chunk gives a ``finish_reason``."""
+    done: set[int] = set()
+    for choice in chunk.get("choices") or ():
+        if isinstance(choice, dict) and choice.get("finish_reason"):
+            index = choice.get("index", 0)
+            done.add(index if isinstance(index, int) else 0)
+    return done
+
+
 def is_usage_only(chunk: dict[str, Any]) -> bool:
     return chunk.get("choices") == [] and isinstance(chunk.get("usage"), dict)
 

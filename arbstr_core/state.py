@@ -68,11 +68,16 @@ class AppState:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def executor(self) -> ThreadPoolExecutor:
-        """Threads for the deadline-bounded retry loops, created on first use (never before fork)."""
+        """Threads for the deadline-bounded retry loops, created on first use (never before fork).
+
+        One per request thread at most (``[server] threads``), so a burst of non-streaming requests
+        never queues behind another's retry loop; the pool starts threads only as they are needed.
+        """
         if self._executor is None:
             with self._lock:
                 if self._executor is None:
-                    self._executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="arbstr-attempt")
+                    self._executor = ThreadPoolExecutor(max_workers=self.config.server.threads,
+                                                        thread_name_prefix="arbstr-attempt")
         return self._executor
 
 

@@ -244,6 +244,13 @@ def read_body(resp: requests.Response, limit: int) -> bytes:
     return b"".join(parts)
 
 
+def set_read_timeout(resp: requests.Response, seconds: float) -> None:
+    """Change the read timeout of an open streaming response (first-event wait → idle limit)."""
+    sock = getattr(getattr(resp.raw, "connection", None), "sock", None)
+    if isinstance(sock, socket.socket):
+        sock.settimeout(seconds)
+
+
 def finish(resp: requests.Response) -> None:
     """Hand a fully read response's connection back to the pool for the next attempt."""
     release = getattr(resp.raw, "release_conn", None)

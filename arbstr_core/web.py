@@ -16,7 +16,7 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
 
 from . import cost as costs
-from . import mock, proxy
+from . import mock, proxy, startup
 from .config import Config, load
 from .errors import ArbstrError, bad_request
 from .logapi import logapi
@@ -46,6 +46,7 @@ def create_app(config: Config | None = None, upstream: Upstream | None = None) -
         upstream = Upstream(mock.adapters() if config.mock else None)
     state = build_state(config, upstream)
     setup_logging(config, state.scrub)
+    startup.check_worker(config)
     app = Flask("arbstr")
     app.config["MAX_CONTENT_LENGTH"] = config.server.max_body_bytes
     app.json.sort_keys = False

@@ -59,7 +59,7 @@ def source_line(out: str, provider: str) -> str:
 
 def test_check_reports_listen_counts_and_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     text = (
-        '[server]\nlisten = "0.0.0.0:9090"\n'
+        '[server]\nlisten = "127.0.0.1:9090"\n'
         + provider_toml("provider-alpha")
         + provider_toml("provider-beta")
         + '[[policies.rules]]\nname = "code"\nkeywords = ["code"]\n'
@@ -68,7 +68,7 @@ def test_check_reports_listen_counts_and_ok(tmp_path: Path, capsys: pytest.Captu
     path = write(tmp_path, text)
     code, out, err = run(capsys, "check", "-c", str(path))
     assert code == 0
-    assert "0.0.0.0:9090" in out
+    assert "127.0.0.1:9090" in out
     assert str(path) in out
     lines = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip() for line in out.splitlines() if ":" in line}
     assert lines["providers"] == "2"
@@ -232,6 +232,67 @@ def test_check_never_prints_any_key(
     code, out, _ = run(capsys, "check", "-c", str(write(tmp_path, text, 0o644)))  # run() asserts no key leaks
     assert code == 0
     assert out.count("warning") == 3  # two literal keys and the file mode
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:9090", "[::]:9090", "192.0.2.7:9090"])
+def test_check_refuses_a_network_listen_without_auth_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], listen: str
+) -> None:
+    path = write(tmp_path, f'[server]\nlisten = "{listen}"\n' + provider_toml("provider-alpha"))
+    code, out, err = run(capsys, "check", "-c", str(path))
+    assert code == 1
+    assert "config OK" not in out
+    assert str(path) in err and listen in err
+    assert "[server] auth_token" in err and "allow_unauthenticated = true" in err, "names both fixes"
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_check_warns_when_allow_unauthenticated_lets_it_through(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = '[server]\nlisten = "0.0.0.0:9090"\nallow_unauthenticated = true\n' + provider_toml("provider-alpha")
+    code, out, err = run(capsys, "check", "-c", str(write(tmp_path, text)))
+    assert code == 0 and err == ""
+    (warning,) = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert "0.0.0.0:9090" in warning and "auth_token" in warning and "allow_unauthenticated" in warning
+    assert "config OK" in out
+
+
+def test_check_network_listen_with_auth_token_is_fine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ARBSTR_AUTH_TOKEN", TOKEN)
+    text = '[server]\nlisten = "0.0.0.0:9090"\nauth_token = "${ARBSTR_AUTH_TOKEN}"\n' + provider_toml("provider-alpha")
+    code, out, _ = run(capsys, "check", "-c", str(write(tmp_path, text)))
+    assert code == 0 and "warning" not in out and "config OK" in out
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:9090", "127.3.2.1:9090", "[::1]:9090", "localhost:9090"])
+def test_check_loopback_listen_needs_no_token(tmp_path: Path, capsys: pytest.CaptureFixture[str], listen: str) -> None:
+    path = write(tmp_path, f'[server]\nlisten = "{listen}"\n' + provider_toml("provider-alpha"))
+    code, out, _ = run(capsys, "check", "-c", str(path))
+    assert code == 0 and "warning" not in out
+
+
+def test_check_warns_about_a_url_ending_in_chat_completions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = provider_toml("provider-alpha").replace(
+        "https://provider-alpha.example/v1", "https://provider-alpha.example/v1/chat/completions")
+    code, out, _ = run(capsys, "check", "-c", str(write(tmp_path, text)))
+    assert code == 0
+    (warning,) = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert "provider-alpha" in warning and 'set url = "https://provider-alpha.example/v1"' in warning
+
+
+def test_check_warns_about_a_key_shared_by_two_providers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BETA_KEY", BETA_KEY)
+    monkeypatch.setenv("ARBSTR_PROVIDER_GAMMA_API_KEY", BETA_KEY)
+    text = provider_toml("provider-beta", 'api_key = "${BETA_KEY}"') + provider_toml("provider-gamma")
+    code, out, _ = run(capsys, "check", "-c", str(write(tmp_path, text)))  # run() asserts the key is not printed
+    assert code == 0
+    (warning,) = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert "'provider-beta', 'provider-gamma'" in warning and "same api_key" in warning
 
 
 # --- providers ------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,8 @@ stream_idle_timeout_secs = 120   # longest silence tolerated inside a stream
 max_body_bytes = 10485760        # larger request bodies get 413
 rate_limit_rps = 0               # 0 = unlimited; otherwise a token bucket, excess gets 429 + Retry-After
 max_concurrent = 0               # 0 = unlimited; in-flight cap, excess gets 503 + Retry-After
+threads = 256                    # gunicorn threads per worker = streams served at once (§8); idle ones cost nothing
+allow_unauthenticated = false    # a non-loopback bind without auth_token refuses to start unless true (§4.1)
 
 [database]
 path = "./arbstr.db"             # SQLite file; created with its directory if missing
@@ -50,6 +54,8 @@ models = ["gpt-4o", "gpt-4o-mini"]  # required, non-empty: the exact model ids i
 input_rate = 10                  # sats per 1,000 input tokens (float allowed)
 output_rate = 30                 # sats per 1,000 output tokens
 base_fee = 1                     # sats per request
+timeout_secs = 20                # optional: longest wait for this provider's answer (non-streaming) or
+                                 # first event (streaming), capped by the time left of the deadline
 
 [logging]
 level = "info"                   # debug | info | warning | error (to stderr, one line per event)
@@ -115,6 +121,8 @@ def test_defaults_are_the_documented_values() -> None:
     assert cfg.server.max_body_bytes == 10485760
     assert cfg.server.rate_limit_rps == 0
     assert cfg.server.max_concurrent == 0
+    assert cfg.server.threads == 256
+    assert cfg.server.allow_unauthenticated is False
     assert cfg.database.path == "./arbstr.db"
     assert cfg.database.retention_days == 0
     assert cfg.database.queue_size == 10000
@@ -131,6 +139,7 @@ def test_defaults_are_the_documented_values() -> None:
     p = cfg.providers[0]
     assert (p.input_rate, p.output_rate, p.base_fee) == (0, 0, 0)
     assert (p.api_key, p.key_source) == (None, "none")
+    assert p.timeout_secs is None
     assert cfg.warnings == ()
 
 
@@ -146,6 +155,8 @@ def test_spec_example_loads(tmp_path: Path) -> None:
     assert alpha.api_key == Secret(ALPHA_KEY)
     assert alpha.key_source == "env-expanded"
     assert alpha.endpoint == "https://alpha.example/v1/chat/completions"
+    assert alpha.timeout_secs == 20
+    assert (cfg.server.threads, cfg.server.allow_unauthenticated) == (256, False)
     (rule,) = cfg.policies.rules
     assert rule.name == "code_generation"
     assert rule.allowed_models == ("gpt-4o",)
@@ -260,6 +271,24 @@ def test_wrong_type_names_the_key(mapping: dict[str, Any], key: str) -> None:
     assert key in config_error(mapping)
 
 
+@pytest.mark.parametrize(
+    ("mapping", "expected"),
+    [
+        (raw(server={"request_timeout_secs": "30"}), "[server] request_timeout_secs must be a number, got str '30'"),
+        (raw(retry={"max_retries": 2.5}), "[retry] max_retries must be an integer, got float 2.5"),
+        (raw(server={"threads": 2.5}), "[server] threads must be an integer, got float 2.5"),
+        (raw(server={"threads": True}), "[server] threads must be an integer, got bool True"),
+        (raw(server={"allow_unauthenticated": "yes"}),
+         "[server] allow_unauthenticated must be true or false, got str 'yes'"),
+        (raw(server={"listen": 8080}), "[server] listen must be a string, got int 8080"),
+        (raw(providers=[prov(models="gpt-4o")]), "[[providers]] #1 models must be an array, got str 'gpt-4o'"),
+        (raw(providers=[prov(timeout_secs="20")]), "[[providers]] #1 timeout_secs must be a number, got str '20'"),
+    ],
+)
+def test_wrong_type_message_names_the_expected_type(mapping: dict[str, Any], expected: str) -> None:
+    assert expected in config_error(mapping)
+
+
 @pytest.mark.parametrize("table", ["server", "database", "retry", "circuit_breaker", "logging", "policies"])
 def test_scalar_where_a_table_belongs(table: str) -> None:
     assert f"[{table}]" in config_error(raw(**{table: 5}))
@@ -365,6 +394,60 @@ def test_valid_listen(listen: str) -> None:
 )
 def test_invalid_ranges(tables: dict[str, Any], key: str) -> None:
     assert key in config_error(raw(**tables))
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize(
+    ("make", "key"),
+    [
+        (lambda v: raw(providers=[prov(input_rate=v)]), "input_rate"),
+        (lambda v: raw(providers=[prov(output_rate=v)]), "output_rate"),
+        (lambda v: raw(providers=[prov(base_fee=v)]), "base_fee"),
+        (lambda v: raw(providers=[prov(timeout_secs=v)]), "timeout_secs"),
+        (lambda v: raw(server={"request_timeout_secs": v}), "request_timeout_secs"),
+        (lambda v: raw(server={"connect_timeout_secs": v}), "connect_timeout_secs"),
+        (lambda v: raw(server={"stream_idle_timeout_secs": v}), "stream_idle_timeout_secs"),
+        (lambda v: raw(server={"rate_limit_rps": v}), "rate_limit_rps"),
+        (lambda v: raw(database={"retention_days": v}), "retention_days"),
+        (lambda v: raw(retry={"backoff_base_ms": v}), "backoff_base_ms"),
+        (lambda v: raw(retry={"max_retry_after_secs": v}), "max_retry_after_secs"),
+        (lambda v: raw(circuit_breaker={"open_secs": v}), "open_secs"),
+        (lambda v: raw(policies={"rules": [{"name": "r", "max_sats_per_1k_output": v}]}), "max_sats_per_1k_output"),
+    ],
+)
+def test_non_finite_numbers_are_errors(make: Callable[[float], dict[str, Any]], key: str, value: float) -> None:
+    """TOML's inf and nan pass a type check, and nan every comparison with 0."""
+    assert f"{key} must be a finite number, got {value!r}" in config_error(make(value))
+
+
+def test_inf_from_a_toml_file_is_an_error(tmp_path: Path) -> None:
+    path = write(tmp_path, '[[providers]]\nname = "a"\nurl = "http://a"\nmodels = ["m"]\noutput_rate = inf\n')
+    with pytest.raises(ConfigError) as e:
+        load(str(path), env={})
+    assert str(path) in str(e.value) and "output_rate must be a finite number, got inf" in str(e.value)
+
+
+@pytest.mark.parametrize("value", [0, -1, -0.5])
+def test_provider_timeout_must_be_positive(value: float) -> None:
+    message = config_error(raw(providers=[prov(name="provider-alpha", timeout_secs=value)]))
+    assert "provider 'provider-alpha' timeout_secs must be positive" in message
+
+
+def test_provider_timeout_is_optional_and_may_be_fractional() -> None:
+    cfg = build(raw(providers=[prov(name="a", timeout_secs=2.5), prov(name="b", timeout_secs=20), prov(name="c")]))
+    assert [p.timeout_secs for p in cfg.providers] == [2.5, 20, None]
+
+
+@pytest.mark.parametrize("threads", [0, -1])
+def test_threads_must_be_at_least_one(threads: int) -> None:
+    message = config_error(raw(server={"threads": threads}))
+    assert "[server] threads must be at least 1" in message and "256" in message
+
+
+def test_threads_and_allow_unauthenticated_are_read() -> None:
+    cfg = build(raw(server={"threads": 1, "allow_unauthenticated": True}))
+    assert (cfg.server.threads, cfg.server.allow_unauthenticated) == (1, True)
+    assert build(raw(server={"threads": 4096})).server.threads == 4096
 
 
 def test_zero_retries_and_zero_backoff_are_valid() -> None:
@@ -483,6 +566,35 @@ def test_expanded_and_convention_keys_do_not_warn() -> None:
     env = {"K": "k" * 20, "ARBSTR_B_API_KEY": "b" * 20}
     cfg = build({"providers": [prov(name="a", api_key="${K}"), prov(name="b")]}, env)
     assert cfg.warnings == ()
+
+
+@pytest.mark.parametrize("url", ["https://a.example/v1/chat/completions", "https://a.example/v1/chat/completions/"])
+def test_url_ending_in_chat_completions_warns_with_the_fix(url: str) -> None:
+    cfg = build(raw(providers=[prov(name="provider-alpha", url=url)]))
+    (warning,) = cfg.warnings
+    assert PATH in warning and "provider-alpha" in warning
+    assert "https://a.example/v1/chat/completions/chat/completions" in warning, "says where it would post"
+    assert 'set url = "https://a.example/v1"' in warning
+
+
+def test_base_urls_do_not_warn() -> None:
+    urls = ["https://a.example/v1", "https://a.example/v1/", "https://a.example/chat/completions-proxy"]
+    assert build({"providers": [prov(name=str(i), url=u) for i, u in enumerate(urls)]}).warnings == ()
+
+
+def test_shared_key_warns_naming_the_providers_never_the_key() -> None:
+    key = "cashuAsharedsharedshared0123"
+    env = {"K": key, "ARBSTR_C_API_KEY": key, "OTHER": "cashuAother0123456789"}
+    cfg = build({"providers": [prov(name="a", api_key="${K}"), prov(name="b", api_key="${OTHER}"), prov(name="c"),
+                               prov(name="d")]}, env)
+    (warning,) = cfg.warnings
+    assert "'a', 'c'" in warning and "'b'" not in warning
+    assert "same api_key" in warning and "Cashu" in warning
+    assert key not in warning and key[:6] not in warning
+
+
+def test_providers_without_keys_do_not_share_one() -> None:
+    assert build({"providers": [prov(name="a"), prov(name="b")]}).warnings == ()
 
 
 def test_no_error_or_warning_contains_a_key() -> None:

@@ -93,7 +93,7 @@ def test_upstream_400_passed_through_without_retry_or_fallback(pair) -> None:
     assert e.value.code == "invalid_tool_name" and e.value.type == "invalid_request_error"
     assert "tools[0].function.name is invalid" in e.value.message
     assert e.value.response.headers["x-arbstr-provider"] == "primary"
-    assert "x-should-retry" not in e.value.response.headers
+    assert e.value.response.headers["x-should-retry"] == "false"  # a provider was asked: SDKs must not re-send
     assert len(primary.requests) == 1 and not fallback.requests
 
 
@@ -216,11 +216,13 @@ def test_deadline_answer_names_every_attempt(fake_upstream, make_config, gunicor
     assert r.status_code == 504 and len(slow.requests) == 2 and not spare.requests
     # The 503 and the attempt the deadline abandoned (its request was sent: it may have been paid).
     assert r.headers["x-arbstr-retries"] == "2/slow"
-    assert "x-arbstr-provider" not in r.headers
+    assert r.headers["x-arbstr-provider"] == "slow"  # the provider that was sent the request and may charge
+    assert r.headers["x-should-retry"] == "false"
     rid = r.headers["x-arbstr-request-id"]
     assert server.stop() == 0
     with sqlite3.connect(tmp_path / "arbstr.db") as db:
-        assert db.execute("SELECT retries FROM requests WHERE request_id = ?", (rid,)).fetchall() == [("2/slow",)]
+        assert db.execute("SELECT retries, provider FROM requests WHERE request_id = ?",
+                          (rid,)).fetchall() == [("2/slow", "slow")]
 
 
 # ---------------------------------------------------------------------------------------------------

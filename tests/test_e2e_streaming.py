@@ -239,9 +239,38 @@ def test_upstream_going_idle_past_the_idle_timeout(single) -> None:
 
 
 @pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "close-delimited"])
-def test_upstream_ending_without_done(single, chunked: bool) -> None:
+def test_a_finished_stream_without_done_is_complete(single, chunked: bool) -> None:
+    """SPEC §6.2: every choice has a finish_reason and the body ended cleanly, only [DONE] is missing.
+    Clients get arbstr's trailer and [DONE]; the openai SDK sees a normal end."""
     up, start = single
-    up.default = sse(usage=USAGE, done=False, chunked=chunked)  # a clean end of body, but no [DONE]
+    up.default = sse(usage=USAGE, done=False, chunked=chunked)
+    server = start()
+    with server.openai_client().chat.completions.with_streaming_response.create(
+            model="gpt-4o", messages=MSG, stream=True, stream_options={"include_usage": True}) as raw:
+        request_id = raw.headers["x-arbstr-request-id"]
+        got, err = stream_of(raw.parse())
+    assert err is None
+    assert text_of(got) == "Hello from p!" and got[-1].usage.completion_tokens == 45
+
+    row = settled_row(server, request_id)
+    assert row["status"] == "complete" and row["success"] is True and row["error"] is None
+    assert row["cost_sats"] == pytest.approx(expected_cost(USAGE), abs=1e-12)
+    assert failure_count(server) == 0
+
+    # The raw bytes end with the trailer comment, then [DONE], then a clean end of the body.
+    r = server.chat(stream=True)
+    events = r.content.split(b"\n\n")
+    assert events[-1] == b"" and events[-2] == b"data: [DONE]" and events[-3].startswith(b": arbstr {")
+    assert b"stream_interrupted" not in r.content
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "close-delimited"])
+def test_upstream_ending_unfinished_without_done(single, chunked: bool) -> None:
+    """A clean end of body before any finish_reason: the answer may be cut short, so it is an error."""
+    up, start = single
+    chunks = [c for c in stream_chunks("gpt-4o", "Hello from p!", usage=USAGE)
+              if not any(ch.get("finish_reason") for ch in c["choices"])]
+    up.default = sse(chunks, done=False, chunked=chunked)
     server = start()
     with server.openai_client().chat.completions.with_streaming_response.create(
             model="gpt-4o", messages=MSG, stream=True, stream_options={"include_usage": True}) as raw:

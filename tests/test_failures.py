@@ -78,7 +78,14 @@ def test_provider_key_or_balance(status: int) -> None:
     assert row(v) == (False, True, NEUTRAL)
 
 
-@pytest.mark.parametrize("status", [400, 404, 409, 413, 422])
+def test_404_falls_back_neutrally() -> None:
+    """Another provider may serve the model (SPEC §5.1)."""
+    v = classify_status(404, None, MAX_RETRY_AFTER)
+    assert v is failures.MODEL_NOT_FOUND
+    assert row(v) == (False, True, NEUTRAL)
+
+
+@pytest.mark.parametrize("status", [400, 409, 413, 422])
 def test_the_requests_own_fault(status: int) -> None:
     v = classify_status(status, None, MAX_RETRY_AFTER)
     assert v is CLIENT_FAULT

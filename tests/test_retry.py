@@ -20,6 +20,7 @@ from arbstr_core.failures import (
     CLIENT_FAULT,
     CONNECT_FAILED,
     FAILURE,
+    MODEL_NOT_FOUND,
     OK,
     SENT_FAILED,
     classify_status,
@@ -275,7 +276,7 @@ def test_key_rejected_falls_back_without_retry_and_is_neutral(env: Env, status: 
     assert snap(env, "provider-alpha")["failure_count"] == 0
 
 
-@pytest.mark.parametrize("status", [400, 404, 409, 413, 422])
+@pytest.mark.parametrize("status", [400, 409, 413, 422])
 def test_client_fault_is_returned_without_retry_or_fallback(env: Env, status: int) -> None:
     result = client_fault(status)
     script = Script({"provider-alpha": [result]})
@@ -286,6 +287,35 @@ def test_client_fault_is_returned_without_retry_or_fallback(env: Env, status: in
     assert out.provider is ALPHA
     assert snap(env, "provider-alpha")["failure_count"] == 0
     assert env.cancel.waits == []
+
+
+def not_found() -> AttemptResult:
+    error = ArbstrError(404, "The model `gpt-4o` does not exist", code="model_not_found")
+    return AttemptResult(MODEL_NOT_FOUND, 404, error.message, payload=error)
+
+
+def test_404_falls_back_once_without_blaming_the_provider(env: Env) -> None:
+    script = Script({"provider-alpha": [not_found()], "provider-beta": [ok()]})
+    out = env.run(script)
+    assert script.order() == ["provider-alpha", "provider-beta"]
+    assert out.provider is BETA and out.error is None
+    assert out.attempts.header() == "1/provider-alpha"
+    assert snap(env, "provider-alpha")["failure_count"] == 0
+
+
+def test_when_every_provider_answers_404_the_last_404_is_returned(env: Env) -> None:
+    last = not_found()
+    script = Script({"provider-alpha": [not_found()], "provider-beta": [not_found()], "provider-gamma": [last]})
+    out = env.run(script)
+    assert script.order() == ["provider-alpha", "provider-beta", "provider-gamma"]
+    assert out.error is last.payload and out.error.status == 404
+    assert out.provider is GAMMA
+
+
+def test_a_404_among_other_failures_is_an_upstream_failure(env: Env) -> None:
+    script = Script({"provider-alpha": [not_found()], "provider-beta": [http(500)], "provider-gamma": [refused()]})
+    out = env.run(script)
+    assert out.error is not None and out.error.status == 502
 
 
 def test_client_fault_from_a_fallback_candidate(env: Env) -> None:
@@ -534,15 +564,34 @@ def test_cancelled_during_a_successful_attempt_releases_the_probe_and_closes(env
     assert snap(env, "provider-alpha")["failure_count"] == 100, "no outcome was recorded"
 
 
-def test_cancelled_during_a_failed_attempt_records_nothing(env: Env) -> None:
+def test_an_attempt_cut_off_by_the_deadline_counts_as_a_failure(env: Env) -> None:
+    """SPEC §5.2: a provider that hangs until the deadline must trip its breaker, not stay closed."""
+    def attempt(p: Provider, left: float | None) -> AttemptResult:
+        env.cancel.set()  # the deadline fired; the cut-off attempt comes back as a read failure
+        return read_timeout()
+
+    for n in (1, 2):
+        env.cancel.clear()
+        with pytest.raises(Abandoned):
+            run_chain(CANDIDATES, attempt, retry=RetryConfig(), breakers=env.breakers, cancel=env.cancel,
+                      clock=env.clock)
+        assert snap(env, "provider-alpha")["failure_count"] == n
+        assert snap(env, "provider-beta")["failure_count"] == 0, "never sent, never blamed"
+
+
+def test_a_probe_cut_off_by_the_deadline_reopens_the_circuit(env: Env) -> None:
+    open_circuit(env, "provider-alpha")
+    env.clock.advance(30)
+
     def attempt(p: Provider, left: float | None) -> AttemptResult:
         env.cancel.set()
-        return http(500)
+        return read_timeout()
 
     with pytest.raises(Abandoned):
         run_chain(CANDIDATES, attempt, retry=RetryConfig(), breakers=env.breakers, cancel=env.cancel,
                   clock=env.clock)
-    assert snap(env, "provider-alpha")["failure_count"] == 0
+    assert snap(env, "provider-alpha")["state"] == "open"
+    assert env.breakers.acquire("provider-alpha") is None, "a fresh open timer, no second probe"
 
 
 def test_cancelled_during_backoff(env: Env) -> None:
