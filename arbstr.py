@@ -1,6 +1,6 @@
 """`gunicorn arbstr:app` entry point. The app is built when gunicorn loads it in each worker
 (``preload_app`` stays off), reading ``ARBSTR_CONFIG`` or ``ARBSTR_MOCK``."""
 
-from arbstr_core.web import create_app
+from arbstr_core.app.factory import create_app
 
 app = create_app()

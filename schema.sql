@@ -1,9 +1,9 @@
 -- arbstr request log (SPEC §7). One row per client request.
 --
--- Applied by arbstr_core/logdb.py on every start: every statement is idempotent. The last line
+-- Applied by arbstr_core/log/db.py on every start: every statement is idempotent. The last line
 -- records the schema version in PRAGMA user_version. To change the schema later: edit this file so a
 -- fresh database gets the new shape, add the statements that bring an existing database from version
--- N-1 to N under key N in logdb.MIGRATIONS (they run before this file), and bump the version below.
+-- N-1 to N under key N in arbstr_core/log/db.py MIGRATIONS (they run before this file), and bump the version below.
 -- A database whose user_version is newer than this file is left alone.
 --
 -- What the writer pays for, per row, into a log of a million rows: an index whose key order is not
@@ -49,7 +49,7 @@ CREATE INDEX IF NOT EXISTS idx_requests_policy    ON requests (policy, timestamp
 CREATE INDEX IF NOT EXISTS idx_requests_success   ON requests (success, timestamp);
 CREATE INDEX IF NOT EXISTS idx_requests_streaming ON requests (streaming, timestamp);
 -- Sorting by cost: each hour's rows in cost order, with the filter columns so that rows which do not
--- match are skipped without reading the table; a page merges the hours (costorder.py).
+-- match are skipped without reading the table; a page merges the hours (reads/costorder.py).
 CREATE INDEX IF NOT EXISTS idx_requests_hour_cost
     ON requests (substr(timestamp, 1, 13), cost_sats, timestamp, success, streaming, model, provider, policy);
 -- Sorting by latency, and latency percentiles over many rows (SPEC §4.7 p50/p95/p99 of successful
@@ -65,7 +65,7 @@ CREATE INDEX IF NOT EXISTS idx_requests_streaming_status ON requests (writer) WH
 -- Hourly totals, so /v1/stats sums a few thousand rows instead of scanning a million: the rows with
 -- id <= rollup_state.upto are in requests_hourly and requests_latency_hourly, the newer ones (the
 -- "tail") are not, and readers sum them from requests. The writer folds the tail in at the end of each
--- transaction (logdb.roll_up): one GROUP BY per batch costs the writer far less than a trigger per
+-- transaction (log/db.py roll_up): one GROUP BY per batch costs the writer far less than a trigger per
 -- insert (which also made SQLite keep a statement journal for every row). Updates and deletes of rows
 -- already folded in are applied by the triggers below, in the same transaction. NULL model, provider
 -- and policy are stored as ''. Sums of tokens for savings only count rows with a known cost.
@@ -99,7 +99,7 @@ CREATE TABLE IF NOT EXISTS requests_hourly (
 ) WITHOUT ROWID;
 
 -- Successful latencies counted per hour, name and band: a percentile's rank falls in a known band, and
--- the walk in idx_requests_latency starts at that band's edge (percentiles.py), so the narrower the
+-- the walk in idx_requests_latency starts at that band's edge (reads/percentiles.py), so the narrower the
 -- bands the shorter the walk, and the more rows here. Four bands an octave (4, 5, 6, 7, 8, 10, 12, ...
 -- ms, up to 8 hours), below 4 ms one a millisecond, below 1 ms one. Never change the bands of an
 -- existing database: the counts are filed under them.

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import sys
 
+from .app.factory import load_config
+from .app.server import settings
 from .errors import ConfigError
-from .server import settings
-from .web import load_config
 
 try:
     _settings = settings(load_config())

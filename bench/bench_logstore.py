@@ -26,9 +26,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from arbstr_core import logdb, queries
 from arbstr_core.config import Provider
-from arbstr_core.logstore import LogStore
+from arbstr_core.log import db as logdb
+from arbstr_core.log.writer import LogStore
+from arbstr_core.reads import queries
 
 PROVIDERS = (
     Provider("provider-alpha", "http://a.test/v1", ("gpt-4o", "gpt-4o-mini"), 10, 30, 1),

@@ -213,9 +213,9 @@ def run_cli(
     *args: str | os.PathLike[str], env: Mapping[str, str | None] | None = None, cwd: str | os.PathLike[str] | None = None,
     input: str | None = None, timeout: float = 30.0,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m arbstr_core.cli ARGS`` with a clean environment; stdout/stderr captured as text."""
+    """Run ``python -m arbstr_core.app.cli ARGS`` with a clean environment; stdout/stderr captured as text."""
     return subprocess.run(
-        [sys.executable, "-m", "arbstr_core.cli", *map(str, args)], env=child_env(env), cwd=cwd or ROOT,
+        [sys.executable, "-m", "arbstr_core.app.cli", *map(str, args)], env=child_env(env), cwd=cwd or ROOT,
         input=input, capture_output=True, text=True, timeout=timeout, check=False,
     )
 

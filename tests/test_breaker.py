@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from arbstr_core.breaker import CLOSED, HALF_OPEN, OPEN, BreakerRegistry, Permit
-from arbstr_core.failures import FAILURE, NEUTRAL, SUCCESS
+from arbstr_core.request.breaker import CLOSED, HALF_OPEN, OPEN, BreakerRegistry, Permit
+from arbstr_core.request.failures import FAILURE, NEUTRAL, SUCCESS
 
 THRESHOLD = 3
 OPEN_SECS = 30.0

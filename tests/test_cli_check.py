@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from arbstr_core.cli import main
+from arbstr_core.app.cli import main
 
 ALPHA_KEY = "cashuAalphaSECRETalpha0123456789"
 BETA_KEY = "sk-beta-SECRET-0123456789abcdef"

@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 
 from arbstr_core.config import Provider
-from arbstr_core.cost import DEFAULT_OUTPUT_ESTIMATE, cost_sats, estimate_tokens, header_value, tokens, usage_cost
+from arbstr_core.request.cost import (
+    DEFAULT_OUTPUT_ESTIMATE,
+    cost_sats,
+    estimate_tokens,
+    header_value,
+    tokens,
+    usage_cost,
+)
 
 
 def provider(input_rate: float, output_rate: float, base_fee: float) -> Provider:

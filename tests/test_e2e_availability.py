@@ -20,9 +20,9 @@ import responses
 from conftest import provider
 from fakes import Pause, error, hang, reply, sse, stream_chunks
 
-from arbstr_core import proxy
+from arbstr_core.app.factory import create_app
 from arbstr_core.config import from_mapping
-from arbstr_core.web import create_app
+from arbstr_core.request import chat as proxy
 
 MSG = [{"role": "user", "content": "hello there"}]
 NEVER_OPEN = {"failure_threshold": 1000, "open_secs": 60}

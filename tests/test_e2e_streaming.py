@@ -32,7 +32,7 @@ COMMENT = re.compile(rb": arbstr (\{[^\n]*\})\n\n")
 
 
 def expected_cost(usage: dict[str, int], rates: dict[str, float] = RATES) -> float:
-    """SPEC §2.3, written out independently of arbstr_core.cost."""
+    """SPEC §2.3, written out independently of arbstr_core.request.cost."""
     return (usage["prompt_tokens"] * rates["input_rate"]
             + usage["completion_tokens"] * rates["output_rate"]) / 1000 + rates["base_fee"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from arbstr_core import failures
-from arbstr_core.failures import (
+from arbstr_core.request import failures
+from arbstr_core.request.failures import (
     BAD_BODY,
     CLIENT_FAULT,
     CONNECT_FAILED,

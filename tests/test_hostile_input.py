@@ -31,9 +31,10 @@ from fakes import FakeUpstream
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from arbstr_core import mock, queries
+from arbstr_core.app import mock
+from arbstr_core.app.factory import create_app
 from arbstr_core.config import from_mapping
-from arbstr_core.web import create_app
+from arbstr_core.reads import queries
 
 TOKEN = "hostile-suite-auth-token-7f3a9c"
 MODELS = ("gpt-4o", "gpt-4o-mini", "o3-mini", "claude-sonnet-4")

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from arbstr_core import logdb, logstore, queries
 from arbstr_core.errors import ArbstrError
-from arbstr_core.logstore import LogStore
+from arbstr_core.log import db as logdb
+from arbstr_core.log import writer as logstore
+from arbstr_core.log.writer import LogStore
+from arbstr_core.reads import queries
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -360,7 +362,7 @@ def test_process_exit_drains_the_queue(tmp_path: Path, ending: str) -> None:
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(ROOT)!r})
-        from arbstr_core.logstore import LogStore
+        from arbstr_core.log.writer import LogStore
         store = LogStore({str(db)!r})
         store.start()
         for i in range(2000):
@@ -382,12 +384,11 @@ def test_schema_is_idempotent_and_respects_newer_versions(tmp_path: Path) -> Non
     conn.close()
 
 
-def test_schema_copies_agree() -> None:
-    """If a packaged copy of schema.sql exists (for `pip install .`), it is the top-level one verbatim."""
-    assert logdb.schema_path() == ROOT / "schema.sql"
-    packaged = ROOT / "arbstr_core" / "schema.sql"
-    if packaged.exists():
-        assert packaged.read_bytes() == (ROOT / "schema.sql").read_bytes()
+def test_there_is_one_schema_file() -> None:
+    """The package's schema.sql (shipped by `pip install .`) is a link to the top-level one, not a copy."""
+    packaged = ROOT / "arbstr_core" / "log" / "schema.sql"
+    assert packaged.is_symlink() and packaged.resolve() == (ROOT / "schema.sql").resolve()
+    assert logdb.schema_path().resolve() == (ROOT / "schema.sql").resolve()
 
 
 def test_rollup_keeps_up_when_the_newest_rows_go(db: Path) -> None:

@@ -13,10 +13,12 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from arbstr_core import logdb, queries, queryargs
+from arbstr_core.app.logroutes import logapi
 from arbstr_core.config import Config, DatabaseConfig, Provider
 from arbstr_core.errors import ArbstrError
-from arbstr_core.logapi import logapi
+from arbstr_core.log import db as logdb
+from arbstr_core.reads import args as queryargs
+from arbstr_core.reads import queries
 
 NOW = datetime(2026, 5, 10, 12, 34, 56, 789000, tzinfo=UTC)
 PROVIDERS = (

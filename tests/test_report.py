@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from arbstr_core import logdb, queries, report
 from arbstr_core.config import Config, DatabaseConfig, Provider
+from arbstr_core.log import db as logdb
+from arbstr_core.reads import queries, report
 
 PROVIDERS = (Provider("provider-alpha", "http://a.test/v1", ("gpt-4o",), 10, 30, 1),
              Provider("provider-beta", "http://b.test/v1", ("gpt-4o",), 5, 15, 0.5))

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from arbstr_core.breaker import BreakerRegistry, Permit
 from arbstr_core.config import Provider, RetryConfig
 from arbstr_core.errors import ArbstrError
-from arbstr_core.failures import (
+from arbstr_core.request.breaker import BreakerRegistry, Permit
+from arbstr_core.request.failures import (
     BAD_BODY,
     CLIENT_FAULT,
     CONNECT_FAILED,
@@ -25,7 +25,7 @@ from arbstr_core.failures import (
     SENT_FAILED,
     classify_status,
 )
-from arbstr_core.retry import Abandoned, AttemptResult, Attempts, backoff_secs, run_chain
+from arbstr_core.request.retry import Abandoned, AttemptResult, Attempts, backoff_secs, run_chain
 
 MAX_RETRY_AFTER = 10.0
 BASE_MS = 1000.0

@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
-from arbstr_core.breaker import BreakerRegistry
 from arbstr_core.config import PolicyRule, Provider
 from arbstr_core.errors import ArbstrError
-from arbstr_core.failures import FAILURE
-from arbstr_core.latency import LatencyWindow
-from arbstr_core.routing import last_user_text, match_policy, message_text, price_key, select_candidates
+from arbstr_core.request.breaker import BreakerRegistry
+from arbstr_core.request.failures import FAILURE
+from arbstr_core.request.latency import LatencyWindow
+from arbstr_core.request.routing import last_user_text, match_policy, message_text, price_key, select_candidates
 
 
 def provider(name: str, output_rate: float, base_fee: float = 0, models: Sequence[str] = ("gpt-4o",),

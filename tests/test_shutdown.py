@@ -24,7 +24,7 @@ import requests
 from conftest import ArbstrServer, provider
 from fakes import Exchange, FakeUpstream, error, reply, slow_headers, sse
 
-from arbstr_core.server import GRACEFUL_TIMEOUT
+from arbstr_core.app.server import GRACEFUL_TIMEOUT
 
 WORDS = 12
 INTERVAL = 0.12  # between upstream events: a stream of WORDS words lasts about 2 s

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 
 import pytest
 
-from arbstr_core.sse import (
+from arbstr_core.request.sse import (
     DONE,
     DONE_EVENT,
     EventSplitter,

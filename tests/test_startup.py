@@ -21,7 +21,7 @@ from conftest import ROOT, ArbstrServer, _no_control_socket, free_port, provider
 from gunicorn.workers.gthread import ThreadWorker
 from gunicorn.workers.sync import SyncWorker
 
-from arbstr_core import cli, server, startup
+from arbstr_core.app import cli, server, startup
 from arbstr_core.config import Config, from_mapping
 
 PACKAGE_CONF = ("-c", "python:arbstr_core.gunicorn_conf")

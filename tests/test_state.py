@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
+from arbstr_core.request.state import Scrubber, TokenBucket
 from arbstr_core.secrets import REDACTED, Secret
-from arbstr_core.state import Scrubber, TokenBucket
 
 
 class Clock:

@@ -33,8 +33,8 @@ from typing import Any
 import pytest
 from conftest import ArbstrServer, write_config
 
-from arbstr_core import logdb
-from arbstr_core.logstore import LogStore
+from arbstr_core.log import db as logdb
+from arbstr_core.log.writer import LogStore
 
 DEADLINE = 60.0  # generous: the machine is shared; recovery itself takes one 5 s retry (+5 s busy wait)
 

@@ -21,11 +21,11 @@ from urllib3.connection import HTTPConnection
 from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.response import HTTPResponse
 
-from arbstr_core import failures
-from arbstr_core.attempt import Caller
 from arbstr_core.config import Provider
+from arbstr_core.request import failures
+from arbstr_core.request.attempt import Caller
+from arbstr_core.request.upstream import Upstream, UpstreamError, read_body, read_chunks, translate
 from arbstr_core.secrets import Secret
-from arbstr_core.upstream import Upstream, UpstreamError, read_body, read_chunks, translate
 
 URL = "http://provider.example:443/v1/chat/completions"
 POOL = HTTPConnectionPool("provider.example", 443)

@@ -13,8 +13,8 @@ import socket
 import sys
 from typing import Any
 
-from .config import Config, split_listen
-from .errors import ConfigError
+from ..config import Config, split_listen
+from ..errors import ConfigError
 
 log = logging.getLogger("arbstr")
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import requests
 
+from ..config import Provider
+from ..errors import ArbstrError
 from . import failures
-from .config import Provider
-from .errors import ArbstrError
 from .failures import Verdict
 from .retry import AttemptResult
 from .sse import EventSplitter, event_data, parse_json

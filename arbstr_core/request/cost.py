@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .config import Provider
+from ..config import Provider
 from .routing import message_text
 
 DEFAULT_OUTPUT_ESTIMATE = 256

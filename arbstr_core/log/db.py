@@ -1,7 +1,7 @@
 """The request log's SQL on the write connection: schema, writes, stream sweep, retention (SPEC §7).
 
 Plain functions over one ``sqlite3.Connection`` in autocommit mode (``isolation_level=None``), each
-owning its transaction, so :mod:`arbstr_core.logstore` is only about the queue and the thread, and
+owning its transaction, so :mod:`arbstr_core.log.writer` is only about the queue and the thread, and
 tests drive the SQL without a thread.
 """
 
@@ -86,15 +86,8 @@ def utc_timestamp(t: float | None = None) -> str:
 
 
 def schema_path() -> Path:
-    """The canonical top-level ``schema.sql`` of a checkout, else the copy shipped inside the package."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "schema.sql", here / "schema.sql"):
-        try:
-            if "CREATE TABLE IF NOT EXISTS requests" in candidate.read_text(encoding="utf-8"):
-                return candidate
-        except OSError:
-            continue
-    raise FileNotFoundError(f"schema.sql is neither in {here.parent} nor in {here}; reinstall arbstr")
+    """``schema.sql`` beside this module: a link to the top-level file in a checkout, a copy in a wheel."""
+    return Path(__file__).resolve().parent / "schema.sql"
 
 
 @functools.cache

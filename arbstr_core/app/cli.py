@@ -8,10 +8,11 @@ import os
 import sys
 from typing import TextIO
 
-from . import report, startup
-from .config import Config, split_listen
-from .errors import ConfigError
-from .web import load_config
+from ..config import Config, split_listen
+from ..errors import ConfigError
+from ..reads import report
+from . import startup
+from .factory import load_config
 
 
 def _config(args: argparse.Namespace) -> Config:

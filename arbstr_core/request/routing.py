@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .config import PolicyRule, Provider
-from .errors import ArbstrError, bad_request
+from ..config import PolicyRule, Provider
+from ..errors import ArbstrError, bad_request
 
 
 def message_text(content: Any) -> str:

@@ -2,7 +2,7 @@
 
 Auth and error rendering are app-wide (web.py): views raise :class:`ArbstrError` and return plain dicts.
 State comes from ``current_app.extensions["arbstr"]`` (``.config``); reads go straight to the SQLite
-file through :mod:`arbstr_core.queries`, never through the writer.
+file through :mod:`arbstr_core.reads.queries`, never through the writer.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any
 
 from flask import Blueprint, current_app, request
 
-from . import queries
-from .errors import ArbstrError
+from ..errors import ArbstrError
+from ..reads import queries
 
 logapi = Blueprint("logapi", __name__)
 

@@ -22,15 +22,15 @@ from typing import Any
 
 from flask import Request, Response
 
+from ..config import PolicyRule, Provider
+from ..errors import ArbstrError, bad_request
+from ..secrets import scrub_bytes
 from . import cost as costs
 from .attempt import Caller, OpenStream
-from .config import PolicyRule, Provider
-from .errors import ArbstrError, bad_request
 from .failures import FAILURE, SUCCESS
 from .relay import StreamContext, StreamSummary, relay
 from .retry import Attempts, Outcome, deadline_error, run_chain
 from .routing import match_policy, select_candidates
-from .secrets import scrub_bytes
 from .state import AppState
 
 log = logging.getLogger("arbstr.request")

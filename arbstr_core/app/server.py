@@ -11,7 +11,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from .config import Config
+from ..config import Config
 
 GRACEFUL_TIMEOUT = 130  # above stream_idle_timeout_secs' default; systemd's TimeoutStopSec is above this
 # Connections a worker holds beyond its threads: kept-alive idle ones and ones waiting for a thread.
@@ -60,6 +60,6 @@ class EmbeddedServer(BaseApplication):
                 self.cfg.set(key, value)
 
     def load(self) -> Any:
-        from .web import create_app
+        from .factory import create_app
 
         return create_app(self.config)

@@ -31,8 +31,8 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-from . import logdb
-from .logdb import format_utc, utc_timestamp
+from . import db as logdb
+from .db import format_utc, utc_timestamp
 
 log = logging.getLogger("arbstr.logstore")
 

@@ -28,12 +28,12 @@ from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
+from ..config import Provider
+from ..errors import ArbstrError
+from ..log.db import BAND_OF_LATENCY, ROW_SUMS, TIMED_OK_UNINDEXED, Where, expected_version, format_utc
 from . import costorder, percentiles
 from .aggregate import NONE_KEY, PERCENTILES, Totals, bucket_starts, group_key
-from .config import Provider
-from .errors import ArbstrError
-from .logdb import BAND_OF_LATENCY, ROW_SUMS, TIMED_OK_UNINDEXED, Where, expected_version, format_utc
-from .queryargs import Filters, parse_list_args, parse_stats_args
+from .args import Filters, parse_list_args, parse_stats_args
 
 # Percentiles of at most SMALL_SET latencies, or of 1/SORT_SHARE of the table, are sorted in Python
 # (about 1 µs a row): cheaper than a walk through the table's rows in a latency band (about a tenth of

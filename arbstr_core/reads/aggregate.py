@@ -1,6 +1,6 @@
 """The arithmetic of /v1/stats on plain values: totals, savings, percentile ranks, time buckets.
 
-Kept apart from the SQL in :mod:`arbstr_core.queries` so the definitions (nearest rank, what savings
+Kept apart from the SQL in :mod:`arbstr_core.reads.queries` so the definitions (nearest rank, what savings
 means, which buckets a range has) are stated, and tested, in one place.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from .errors import bad_request
+from ..errors import bad_request
 
 PERCENTILES = (50, 95, 99)
 NONE_KEY = "(none)"  # group key of rows without a model, provider or policy

@@ -9,11 +9,11 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from ..config import Config
+from ..log.writer import LogStore
+from ..secrets import Secret
 from .breaker import BreakerRegistry
-from .config import Config
 from .latency import LatencyWindow
-from .logstore import LogStore
-from .secrets import Secret
 from .upstream import Upstream
 
 

@@ -21,8 +21,8 @@ import sqlite3
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..log.db import TIMED_OK, TIMED_OK_UNINDEXED, Where
 from .aggregate import PERCENTILES, percentile_ranks
-from .logdb import TIMED_OK, TIMED_OK_UNINDEXED, Where
 
 
 def by_sorting(conn: sqlite3.Connection, where: Where) -> list[Any]:

@@ -12,9 +12,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from . import queries, queryargs
-from .config import Config
-from .errors import ArbstrError
+from ..config import Config
+from ..errors import ArbstrError
+from . import args as queryargs
+from . import queries
 
 _EVERYTHING = "1970-01-01T00:00:00Z"  # `arbstr requests` shows the latest rows, however old
 

@@ -15,14 +15,15 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
 
-from . import cost as costs
-from . import mock, proxy, startup
-from .config import Config, load
-from .errors import ArbstrError, bad_request
-from .logapi import logapi
-from .routing import match_policy, select_candidates
-from .state import AppState, Scrubber, build_state
-from .upstream import Upstream
+from ..config import Config, load
+from ..errors import ArbstrError, bad_request
+from ..request import chat as proxy
+from ..request import cost as costs
+from ..request.routing import match_policy, select_candidates
+from ..request.state import AppState, Scrubber, build_state
+from ..request.upstream import Upstream
+from . import mock, startup
+from .logroutes import logapi
 
 log = logging.getLogger("arbstr")
 

@@ -16,9 +16,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import Provider, RetryConfig
+from ..errors import ArbstrError
 from .breaker import BreakerRegistry, Permit
-from .config import Provider, RetryConfig
-from .errors import ArbstrError
 from .failures import CLIENT_FAULT, MODEL_NOT_FOUND, OK, Verdict
 
 MAX_CLIENT_RETRY_AFTER = 60

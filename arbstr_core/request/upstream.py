@@ -20,7 +20,7 @@ import urllib3.connectionpool
 import urllib3.exceptions
 from requests.adapters import BaseAdapter, HTTPAdapter
 
-from .config import Provider
+from ..config import Provider
 
 USER_AGENT = "arbstr/0.1"
 READ_SIZE = 65536

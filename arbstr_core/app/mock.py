@@ -15,8 +15,8 @@ import requests
 from requests.adapters import BaseAdapter
 from requests.structures import CaseInsensitiveDict
 
-from .config import Config, from_mapping
-from .routing import last_user_text
+from ..config import Config, from_mapping
+from ..request.routing import last_user_text
 
 # `.invalid` never resolves (RFC 6761), so a mock URL can never reach a real host by mistake.
 MOCK_PROVIDERS = [

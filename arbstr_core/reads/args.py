@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from .errors import bad_request
-from .logdb import format_utc
+from ..errors import bad_request
+from ..log.db import format_utc
 
 RANGES = {
     "last_1h": timedelta(hours=1),

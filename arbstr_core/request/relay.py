@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..secrets import scrub_bytes
 from . import sse
 from .attempt import OpenStream
-from .secrets import scrub_bytes
 from .upstream import UpstreamError
 
 log = logging.getLogger("arbstr.relay")
