@@ -75,6 +75,9 @@ CREATE TABLE IF NOT EXISTS rollup_state (
 );
 INSERT OR IGNORE INTO rollup_state (one, upto) VALUES (1, 0);
 
+-- The sums after the key are declared once, in this order, by log/db.py SUMS, which the roll-up and the
+-- readers follow; the triggers below spell them again, row by row and by position, and
+-- tests/test_logstore.py checks that they agree.
 CREATE TABLE IF NOT EXISTS requests_hourly (
     hour          TEXT    NOT NULL,                  -- substr(timestamp, 1, 13): '2026-05-01T13'
     model         TEXT    NOT NULL COLLATE NOCASE,
@@ -117,6 +120,8 @@ CREATE TABLE IF NOT EXISTS requests_latency_hourly (
     PRIMARY KEY (hour, model, provider, policy, band)
 ) WITHOUT ROWID;
 
+-- A row's key and sums (log/db.py SUMS) leave the hourly totals when it is deleted, and move when it is
+-- updated; each VALUES list holds them in requests_hourly's column order.
 CREATE TRIGGER IF NOT EXISTS requests_hourly_delete AFTER DELETE ON requests
 WHEN OLD.id <= (SELECT upto FROM rollup_state) BEGIN
     INSERT INTO requests_hourly VALUES (

@@ -1,139 +1,128 @@
 """Configuration: one frozen dataclass tree, loaded once from TOML and validated at startup.
 
-Each table is declared once in ``_TABLES`` (key → type and default); that declaration drives the
-defaults, the unknown-key check and the type checks, so a typo can never silently drop a limit.
-Every error names the file, the key and the fix.
+Each key is declared once, as a dataclass field made by :func:`_key`: its default, a one-line help and
+the check its value must pass; its TOML type follows from the annotation. The loader walks those fields
+for the unknown-key, type and range checks, and :func:`describe` lists them for the docs, so a typo
+can never silently drop a limit and the docs cannot drift. Every error names the file, the key and the fix.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import stat
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
-from .secrets import SOURCE_LITERAL, Secret, convention_var, expand, resolve_key
+from .secrets import SOURCE_LITERAL, SOURCE_NONE, Secret, convention_var, expand, resolve_key
 
 STRATEGIES = ("cheapest", "lowest_latency", "round_robin")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
-_NUM = (int, float)
-_SECRET_KEYS = frozenset({"api_key", "auth_token"})
-_TYPE_NAMES = {int: "an integer", str: "a string", bool: "true or false", list: "an array", dict: "a table"}
-# table → key → (accepted types, default). None as a default means "required" for providers.
-_TABLES: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
-    "server": {
-        "listen": ((str,), "127.0.0.1:8080"),
-        "auth_token": ((str,), None),
-        "request_timeout_secs": (_NUM, 30),
-        "connect_timeout_secs": (_NUM, 5),
-        "stream_idle_timeout_secs": (_NUM, 120),
-        "max_body_bytes": ((int,), 10 * 1024 * 1024),
-        "rate_limit_rps": (_NUM, 0),
-        "max_concurrent": ((int,), 0),
-        "threads": ((int,), 256),
-        "allow_unauthenticated": ((bool,), False),
-    },
-    "database": {
-        "path": ((str,), "./arbstr.db"),
-        "retention_days": (_NUM, 0),
-        "queue_size": ((int,), 10000),
-    },
-    "retry": {
-        "max_retries": ((int,), 2),
-        "backoff_base_ms": (_NUM, 1000),
-        "max_retry_after_secs": (_NUM, 10),
-        "fallback": ((bool,), True),
-    },
-    "circuit_breaker": {
-        "failure_threshold": ((int,), 3),
-        "open_secs": (_NUM, 30),
-    },
-    "logging": {
-        "level": ((str,), "info"),
-        "log_requests": ((bool,), True),
-    },
-    "providers": {
-        "name": ((str,), None),
-        "url": ((str,), None),
-        "api_key": ((str,), None),
-        "models": ((list,), None),
-        "input_rate": (_NUM, 0),
-        "output_rate": (_NUM, 0),
-        "base_fee": (_NUM, 0),
-        "timeout_secs": (_NUM, None),
-    },
-    "policies": {
-        "default_strategy": ((str,), "cheapest"),
-        "rules": ((list,), []),
-    },
-    "policies.rules": {
-        "name": ((str,), None),
-        "allowed_models": ((list,), []),
-        "strategy": ((str,), "cheapest"),
-        "max_sats_per_1k_output": (_NUM, None),
-        "keywords": ((list,), []),
-    },
-}
+# A check takes a well-typed value and says what is wrong with it ("must be positive"), or None.
+Check = Callable[[Any], str | None]
+
+
+def _key(default: Any = MISSING, help: str = "", check: Check | None = None) -> Any:
+    """Declare a config key; a field without help (``key_source``) is derived, never read from TOML."""
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+def _bound(low: float, phrase: str, strict: bool = False) -> Check:
+    return lambda v: None if (v > low if strict else v >= low) else f"must be {phrase}"
+
+
+def _one_of(choices: tuple[str, ...]) -> Check:
+    return lambda v: None if v in choices else f"'{v}' is not one of {', '.join(choices)}"
+
+
+def _strings(phrase: str, non_empty: bool = False) -> Check:
+    def check(v: tuple[Any, ...] | None) -> str | None:
+        ok = v is not None and (v or not non_empty) and all(isinstance(x, str) and (x or not non_empty) for x in v)
+        return None if ok else phrase
+    return check
+
+
+def _listen(value: str) -> str | None:
+    try:
+        split_listen(value)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _base_url(url: str | None) -> str | None:
+    parts = urlsplit(url or "")
+    ok = parts.scheme in ("http", "https") and parts.netloc
+    return None if ok else f"'{url or ''}' must be an http:// or https:// base URL"
+
+
+POSITIVE = _bound(0, "positive", strict=True)
+AT_LEAST_0 = _bound(0, "≥ 0")
+UNLIMITED_OR_POSITIVE = _bound(0, "0 (unlimited) or positive")
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    listen: str = "127.0.0.1:8080"
-    auth_token: Secret | None = None
-    request_timeout_secs: float = 30
-    connect_timeout_secs: float = 5
-    stream_idle_timeout_secs: float = 120
-    max_body_bytes: int = 10 * 1024 * 1024
-    rate_limit_rps: float = 0
-    max_concurrent: int = 0
-    threads: int = 256
-    allow_unauthenticated: bool = False
+    listen: str = _key("127.0.0.1:8080", "HOST:PORT to bind; `arbstr serve -l` overrides", _listen)
+    auth_token: Secret | None = _key(None, "when set, every route but /health needs it")  # noqa: RUF009 (a Field)
+    request_timeout_secs: float = _key(30, "deadline of a whole non-streaming request, retries included", POSITIVE)
+    connect_timeout_secs: float = _key(5, "per upstream attempt", POSITIVE)
+    stream_idle_timeout_secs: float = _key(120, "longest silence tolerated inside a stream", POSITIVE)
+    max_body_bytes: int = _key(10 * 1024 * 1024, "larger request bodies get 413", POSITIVE)
+    rate_limit_rps: float = _key(0, "0 = unlimited; else a token bucket, excess gets 429", UNLIMITED_OR_POSITIVE)
+    max_concurrent: int = _key(0, "0 = unlimited in-flight chat requests; excess gets 503", UNLIMITED_OR_POSITIVE)
+    threads: int = _key(256, "gunicorn threads per worker = streams served at once",
+                        _bound(1, "at least 1 (it is how many streams a worker serves at once)"))
+    allow_unauthenticated: bool = _key(False, "true lets a non-loopback listen address serve without auth_token")
 
 
 @dataclass(frozen=True)
 class DatabaseConfig:
-    path: str = "./arbstr.db"
-    retention_days: float = 0
-    queue_size: int = 10000
+    path: str = _key("./arbstr.db", "SQLite file, created with its directory if missing")
+    retention_days: float = _key(0, "0 = keep forever; else older rows are deleted daily", AT_LEAST_0)
+    queue_size: int = _key(10000, "log queue bound; beyond it rows are dropped and counted", POSITIVE)
 
 
 @dataclass(frozen=True)
 class RetryConfig:
-    max_retries: int = 2
-    backoff_base_ms: float = 1000
-    max_retry_after_secs: float = 10
-    fallback: bool = True
+    max_retries: int = _key(2, "extra attempts on the first provider", AT_LEAST_0)
+    backoff_base_ms: float = _key(1000, "first backoff, doubling, each ±25 % jitter", AT_LEAST_0)
+    max_retry_after_secs: float = _key(10, "an upstream Retry-After above this is not waited for", AT_LEAST_0)
+    fallback: bool = _key(True, "then try the next candidates, one attempt each")
 
 
 @dataclass(frozen=True)
 class BreakerConfig:
-    failure_threshold: int = 3
-    open_secs: float = 30
+    failure_threshold: int = _key(3, "consecutive failures that open a circuit", _bound(1, "≥ 1"))
+    open_secs: float = _key(30, "then one probe request is let through", POSITIVE)
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    level: str = "info"
-    log_requests: bool = True
+    level: str = _key("info", "debug | info | warning | error, to stderr", _one_of(LOG_LEVELS))
+    log_requests: bool = _key(True, "false = no request rows are written")
 
 
 @dataclass(frozen=True)
 class Provider:
-    name: str
-    url: str
-    models: tuple[str, ...]
-    input_rate: float = 0
-    output_rate: float = 0
-    base_fee: float = 0
-    api_key: Secret | None = None
-    key_source: str = "none"
-    timeout_secs: float | None = None  # longest wait for an answer / first event; None = the deadline
+    name: str = _key(help="unique; used in headers, logs and breaker state")
+    url: str = _key(help="base URL; arbstr posts to url + /chat/completions", check=_base_url)
+    models: tuple[str, ...] = _key(help="the exact model ids it serves",
+                                   check=_strings("must be a non-empty list of model ids", non_empty=True))
+    input_rate: float = _key(0, "sats per 1,000 input tokens", AT_LEAST_0)
+    output_rate: float = _key(0, "sats per 1,000 output tokens", AT_LEAST_0)
+    base_fee: float = _key(0, "sats per request", AT_LEAST_0)
+    api_key: Secret | None = _key(None, "absent: ARBSTR_<NAME>_API_KEY, else none")  # noqa: RUF009 (a Field)
+    key_source: str = SOURCE_NONE
+    timeout_secs: float | None = _key(
+        None, "longest wait for the answer or a stream's first event; absent: the request's deadline",
+        _bound(0, "positive; remove it to wait up to the request's deadline", strict=True))
 
     @property
     def endpoint(self) -> str:
@@ -142,17 +131,19 @@ class Provider:
 
 @dataclass(frozen=True)
 class PolicyRule:
-    name: str
-    allowed_models: tuple[str, ...] = ()
-    strategy: str = "cheapest"
-    max_sats_per_1k_output: float | None = None
-    keywords: tuple[str, ...] = ()
+    name: str = _key(help="chosen by header X-Arbstr-Policy, or by a keyword in the last user message")
+    allowed_models: tuple[str, ...] = _key((), "empty = any model", _strings("must be a list of strings"))
+    strategy: str = _key("cheapest", "cheapest | lowest_latency | round_robin", _one_of(STRATEGIES))
+    max_sats_per_1k_output: float | None = _key(None, "providers charging more per 1k output are excluded",
+                                                AT_LEAST_0)
+    keywords: tuple[str, ...] = _key((), "case-insensitive words that select this rule",
+                                     _strings("must be a list of strings"))
 
 
 @dataclass(frozen=True)
 class PoliciesConfig:
-    default_strategy: str = "cheapest"
-    rules: tuple[PolicyRule, ...] = ()
+    default_strategy: str = _key("cheapest", "cheapest | lowest_latency | round_robin", _one_of(STRATEGIES))
+    rules: tuple[PolicyRule, ...] = _key((), "written [[policies.rules]]; first keyword match wins")
 
 
 @dataclass(frozen=True)
@@ -169,16 +160,26 @@ class Config:
     # Startup warnings (literal keys, loose file permissions) for the log and `arbstr check`.
     warnings: tuple[str, ...] = ()
 
-    def provider(self, name: str) -> Provider:
-        return next(p for p in self.providers if p.name == name)
 
-    def rule(self, name: str) -> PolicyRule | None:
-        return next((r for r in self.policies.rules if r.name == name), None)
+# TOML table → the dataclass that declares its keys, in the order errors list them.
+_TABLES: dict[str, type] = {
+    "server": ServerConfig, "database": DatabaseConfig, "retry": RetryConfig, "circuit_breaker": BreakerConfig,
+    "logging": LoggingConfig, "providers": Provider, "policies": PoliciesConfig, "policies.rules": PolicyRule,
+}
+# A field's annotation (without "| None") → the TOML types it accepts; any tuple[...] is an array.
+_TOML_TYPES = {"str": (str,), "Secret": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
+_TYPE_NAMES = {int: "an integer", str: "a string", bool: "true or false", list: "an array", dict: "a table"}
+
+
+def describe() -> Iterator[tuple[str, str, Any, str]]:
+    """Every key as (table, key, default, help); ``dataclasses.MISSING`` marks a required key."""
+    for table, cls in _TABLES.items():
+        for f in _keys(cls).values():
+            yield table, f.name, f.default, f.metadata["help"]
 
 
 def load(path: str, env: Mapping[str, str] | None = None) -> Config:
     """Read, validate and freeze the config at ``path``; raise :class:`ConfigError` on any problem."""
-    env = os.environ if env is None else env
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
@@ -198,8 +199,7 @@ def load(path: str, env: Mapping[str, str] | None = None) -> Config:
             f"{path}: config file is accessible by group or others (mode {stat.S_IMODE(mode):04o}); "
             f"run: chmod 600 {path}"
         )
-    cfg = from_mapping(raw, env, path, warnings)
-    return cfg
+    return from_mapping(raw, env, path, warnings)
 
 
 def from_mapping(
@@ -212,94 +212,68 @@ def from_mapping(
     """Build a validated :class:`Config` from parsed TOML (also used for the built-in mock config)."""
     env = os.environ if env is None else env
     warnings = [] if warnings is None else warnings
-    unknown = set(raw) - {"server", "database", "retry", "circuit_breaker", "logging", "providers", "policies"}
+    tables = [t for t in _TABLES if "." not in t]
+    unknown = set(raw) - set(tables)
     if unknown:
-        key = min(unknown)
-        raise ConfigError(
-            f"{path}: unknown table or key '{key}'; valid tables are server, database, retry, "
-            "circuit_breaker, logging, providers, policies"
-        )
-    server = _table(raw, "server", path)
-    token: Secret | None = None
-    if server.get("auth_token") is not None:
-        value, _ = expand(server.pop("auth_token"), env, f"{path}: [server] auth_token")
-        token = Secret(value) if value else None
-    else:
-        server.pop("auth_token", None)
-    server_cfg = ServerConfig(auth_token=token, **server)
-    _check_listen(server_cfg.listen, path)
-    for key in ("request_timeout_secs", "connect_timeout_secs", "stream_idle_timeout_secs", "max_body_bytes"):
-        if getattr(server_cfg, key) <= 0:
-            raise ConfigError(f"{path}: [server] {key} must be positive; remove it to use the default")
-    for key in ("rate_limit_rps", "max_concurrent"):
-        if getattr(server_cfg, key) < 0:
-            raise ConfigError(f"{path}: [server] {key} must be 0 (unlimited) or positive")
-    if server_cfg.threads < 1:
-        raise ConfigError(
-            f"{path}: [server] threads must be at least 1 (it is how many streams a worker serves at once); "
-            "remove it to use the default 256"
-        )
-
-    database = DatabaseConfig(**_table(raw, "database", path))
-    if database.retention_days < 0 or database.queue_size <= 0:
-        raise ConfigError(f"{path}: [database] retention_days must be ≥ 0 and queue_size positive")
-    retry = RetryConfig(**_table(raw, "retry", path))
-    if retry.max_retries < 0 or retry.backoff_base_ms < 0 or retry.max_retry_after_secs < 0:
-        raise ConfigError(f"{path}: [retry] max_retries, backoff_base_ms and max_retry_after_secs must be ≥ 0")
-    breaker = BreakerConfig(**_table(raw, "circuit_breaker", path))
-    if breaker.failure_threshold < 1 or breaker.open_secs <= 0:
-        raise ConfigError(f"{path}: [circuit_breaker] failure_threshold must be ≥ 1 and open_secs positive")
-    logging_cfg = LoggingConfig(**_table(raw, "logging", path))
-    if logging_cfg.level not in LOG_LEVELS:
-        raise ConfigError(f"{path}: [logging] level '{logging_cfg.level}' is not one of {', '.join(LOG_LEVELS)}")
-
+        raise ConfigError(f"{path}: unknown table or key '{min(unknown)}'; valid tables are {', '.join(tables)}")
+    server = _table(ServerConfig, raw.get("server", {}), path, "[server]")
+    if server["auth_token"] is not None:
+        value, _ = expand(server["auth_token"], env, f"{path}: [server] auth_token")
+        server["auth_token"] = Secret(value) if value else None
+    simple = {name: _TABLES[name](**_table(_TABLES[name], raw.get(name, {}), path, f"[{name}]"))
+              for name in ("database", "retry", "circuit_breaker", "logging")}
     providers = _providers(raw.get("providers", []), env, path, warnings)
     if not providers and not mock:
         raise ConfigError(
             f"{path}: no [[providers]] configured; add at least one (see config.example.toml) or run with --mock"
         )
-    policies = _policies(raw.get("policies", {}), path)
-    return Config(
-        providers=providers,
-        server=server_cfg,
-        database=database,
-        retry=retry,
-        circuit_breaker=breaker,
-        logging=logging_cfg,
-        policies=policies,
-        path=path,
-        mock=mock,
-        warnings=tuple(warnings),
-    )
+    return Config(providers=providers, server=ServerConfig(**server), policies=_policies(raw.get("policies", {}), path),
+                  path=path, mock=mock, warnings=tuple(warnings), **simple)
 
 
-def _table(raw: Mapping[str, Any], name: str, path: str, value: Any = None, label: str | None = None) -> dict:
-    """Check one table against its declaration; return its values with defaults filled in."""
-    label = label or f"[{name}]"
-    value = raw.get(name, {}) if value is None else value
+def _keys(cls: type) -> dict[str, Field]:
+    """A table's keys: the fields declared with :func:`_key`, in declaration order."""
+    return {f.name: f for f in fields(cls) if f.metadata.get("help")}
+
+
+def _read(cls: type, value: Any, path: str, label: str) -> dict[str, Any]:
+    """Check a table's keys and types against ``cls``; fill in defaults (None for a missing required key)."""
     if not isinstance(value, dict):
         raise ConfigError(f"{path}: {label} must be a table")
-    spec = _TABLES[name]
+    keys = _keys(cls)
     for key in value:
-        if key not in spec:
-            raise ConfigError(
-                f"{path}: unknown key '{key}' in {label}; valid keys are {', '.join(spec)}"
-            )
+        if key not in keys:
+            raise ConfigError(f"{path}: unknown key '{key}' in {label}; valid keys are {', '.join(keys)}")
     out: dict[str, Any] = {}
-    for key, (types, default) in spec.items():
+    for key, f in keys.items():
         if key not in value:
-            out[key] = default
+            out[key] = None if f.default is MISSING else f.default
             continue
-        v = value[key]
+        v, ann = value[key], str(f.type).removesuffix(" | None")
+        types = (list,) if ann.startswith("tuple[") else _TOML_TYPES[ann]
         if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
             # A mistyped key or token is still a key: name its type, never echo its value.
-            got = type(v).__name__ if key in _SECRET_KEYS else f"{type(v).__name__} {v!r}"
+            got = type(v).__name__ if ann == "Secret" else f"{type(v).__name__} {v!r}"
             raise ConfigError(f"{path}: {label} {key} must be {_type_name(types)}, got {got}")
         if isinstance(v, float) and not math.isfinite(v):
             # TOML has inf and nan; neither is a rate, a limit or a timeout anyone means.
             raise ConfigError(f"{path}: {label} {key} must be a finite number, got {v!r}")
-        out[key] = v
+        out[key] = tuple(v) if isinstance(v, list) else v
     return out
+
+
+def _checked(cls: type, values: dict[str, Any], path: str, label: str) -> dict[str, Any]:
+    """Run each key's check; an optional key left unset (None) is not checked, a required one is."""
+    for key, f in _keys(cls).items():
+        check, v = f.metadata["check"], values[key]
+        if check and (v is not None or f.default is MISSING) and (problem := check(v)):
+            fix = "" if f.default in (MISSING, None) else f"; remove it to use the default {json.dumps(f.default)}"
+            raise ConfigError(f"{path}: {label} {key} {problem}{fix}")
+    return values
+
+
+def _table(cls: type, value: Any, path: str, label: str) -> dict[str, Any]:
+    return _checked(cls, _read(cls, value, path, label), path, label)
 
 
 def _type_name(types: tuple[type, ...]) -> str:
@@ -317,58 +291,26 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.removeprefix("[").removesuffix("]"), int(port)
 
 
-def _check_listen(listen: str, path: str) -> None:
-    try:
-        split_listen(listen)
-    except ValueError as e:
-        raise ConfigError(f"{path}: [server] listen {e}") from None
-
-
 def _providers(raw: Any, env: Mapping[str, str], path: str, warnings: list[str]) -> tuple[Provider, ...]:
     if not isinstance(raw, list):
         raise ConfigError(f"{path}: providers must be an array of tables, written [[providers]]")
     out: list[Provider] = []
     for i, entry in enumerate(raw):
-        label = f"[[providers]] #{i + 1}"
-        values = _table({}, "providers", path, value=entry, label=label)
+        values = _read(Provider, entry, path, f"[[providers]] #{i + 1}")
         name = values["name"]
         if not name:
-            raise ConfigError(f"{path}: {label} needs a name, for example name = \"provider-alpha\"")
+            raise ConfigError(f"{path}: [[providers]] #{i + 1} needs a name, for example name = \"provider-alpha\"")
         label = f"provider '{name}'"
         if any(p.name == name for p in out):
             raise ConfigError(f"{path}: {label} is defined twice; provider names must be unique")
-        url = values["url"] or ""
-        if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
-            raise ConfigError(f"{path}: {label} url '{url}' must be an http:// or https:// base URL")
-        models = values["models"]
-        if not models or not all(isinstance(m, str) and m for m in models):
-            raise ConfigError(f"{path}: {label} models must be a non-empty list of model ids")
-        for key in ("input_rate", "output_rate", "base_fee"):
-            if values[key] < 0:
-                raise ConfigError(f"{path}: {label} {key} must be ≥ 0")
-        if values["timeout_secs"] is not None and values["timeout_secs"] <= 0:
-            raise ConfigError(
-                f"{path}: {label} timeout_secs must be positive; remove it to wait up to the request's deadline"
-            )
+        _checked(Provider, values, path, label)
         key = resolve_key(name, values["api_key"], env, f"{path}: {label} api_key")
         if key.source == SOURCE_LITERAL:
             warnings.append(
                 f"{path}: {label} has a literal api_key in the config file; prefer the environment "
                 f"variable {convention_var(name)}"
             )
-        out.append(
-            Provider(
-                name=name,
-                url=url,
-                models=tuple(models),
-                input_rate=values["input_rate"],
-                output_rate=values["output_rate"],
-                base_fee=values["base_fee"],
-                api_key=key.secret,
-                key_source=key.source,
-                timeout_secs=values["timeout_secs"],
-            )
-        )
+        out.append(Provider(**values | {"api_key": key.secret, "key_source": key.source}))
     warnings.extend(_provider_warnings(out, path))
     return tuple(out)
 
@@ -397,36 +339,13 @@ def _provider_warnings(providers: list[Provider], path: str) -> list[str]:
 
 
 def _policies(raw: Any, path: str) -> PoliciesConfig:
-    values = _table({"policies": raw}, "policies", path)
-    if values["default_strategy"] not in STRATEGIES:
-        raise ConfigError(
-            f"{path}: [policies] default_strategy '{values['default_strategy']}' is not one of {', '.join(STRATEGIES)}"
-        )
+    values = _table(PoliciesConfig, raw, path, "[policies]")
     rules: list[PolicyRule] = []
     for i, entry in enumerate(values["rules"]):
-        label = f"[[policies.rules]] #{i + 1}"
-        r = _table({}, "policies.rules", path, value=entry, label=label)
+        r = _read(PolicyRule, entry, path, f"[[policies.rules]] #{i + 1}")
         if not r["name"]:
-            raise ConfigError(f"{path}: {label} needs a name")
+            raise ConfigError(f"{path}: [[policies.rules]] #{i + 1} needs a name")
         if any(x.name == r["name"] for x in rules):
             raise ConfigError(f"{path}: policy rule '{r['name']}' is defined twice; rule names must be unique")
-        if r["strategy"] not in STRATEGIES:
-            raise ConfigError(
-                f"{path}: policy rule '{r['name']}' strategy '{r['strategy']}' is not one of {', '.join(STRATEGIES)}"
-            )
-        for key in ("allowed_models", "keywords"):
-            if not all(isinstance(x, str) for x in r[key]):
-                raise ConfigError(f"{path}: policy rule '{r['name']}' {key} must be a list of strings")
-        limit = r["max_sats_per_1k_output"]
-        if limit is not None and limit < 0:
-            raise ConfigError(f"{path}: policy rule '{r['name']}' max_sats_per_1k_output must be ≥ 0")
-        rules.append(
-            PolicyRule(
-                name=r["name"],
-                allowed_models=tuple(r["allowed_models"]),
-                strategy=r["strategy"],
-                max_sats_per_1k_output=limit,
-                keywords=tuple(r["keywords"]),
-            )
-        )
+        rules.append(PolicyRule(**_checked(PolicyRule, r, path, f"policy rule '{r['name']}'")))
     return PoliciesConfig(default_strategy=values["default_strategy"], rules=tuple(rules))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hmac
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from .errors import ConfigError
@@ -172,3 +172,16 @@ def resolve_key(provider_name: str, configured: str | None, env: Mapping[str, st
     if env.get(var):
         return ResolvedKey(Secret(env[var]), f"convention ({var})")
     return ResolvedKey(None, SOURCE_NONE)
+
+
+class Scrubber:
+    """Replaces every configured secret in a text. Used on anything that echoes upstream words."""
+
+    def __init__(self, secrets: Iterable[Secret]) -> None:
+        # Longest first, so a key that contains another key is never left half visible.
+        self._secrets = sorted(secrets, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            text = secret.scrub(text)
+        return text

@@ -30,6 +30,7 @@ from arbstr_core.config import Provider
 from arbstr_core.log import db as logdb
 from arbstr_core.log.writer import LogStore
 from arbstr_core.reads import queries
+from arbstr_core.timefmt import utc_timestamp
 
 PROVIDERS = (
     Provider("provider-alpha", "http://a.test/v1", ("gpt-4o", "gpt-4o-mini"), 10, 30, 1),
@@ -49,7 +50,7 @@ def fake_rows(n: int, span_secs: float, rnd: random.Random) -> Iterator[tuple[An
         cost = (tin * p.input_rate + tout * p.output_rate) / 1000 + p.base_fee if ok and rnd.random() > 0.02 else None
         latency = int(rnd.lognormvariate(6.5, 0.6))
         yield (
-            str(uuid.UUID(int=rnd.getrandbits(128), version=4)), logdb.utc_timestamp(start + i * span_secs / n),
+            str(uuid.UUID(int=rnd.getrandbits(128), version=4)), utc_timestamp(start + i * span_secs / n),
             rnd.choice(p.models), p.name, rnd.choice(POLICIES), int(stream),
             ("complete" if stream else "ok") if ok else "error", int(ok), 200 if ok else 502,
             tin if ok else None, tout if ok else None, cost, latency, latency // 5 if stream else None,

@@ -22,7 +22,7 @@ from fakes import Pause, error, hang, reply, sse, stream_chunks
 
 from arbstr_core.app.factory import create_app
 from arbstr_core.config import from_mapping
-from arbstr_core.request import chat as proxy
+from arbstr_core.request import chat
 
 MSG = [{"role": "user", "content": "hello there"}]
 NEVER_OPEN = {"failure_threshold": 1000, "open_secs": 60}
@@ -164,7 +164,7 @@ def test_a_crash_in_arbstr_after_an_attempt_was_sent_says_do_not_retry(tmp_path,
     def bug(*args: Any) -> bytes:
         raise RuntimeError("a bug after the provider answered")
 
-    monkeypatch.setattr(proxy, "scrub_bytes", bug)
+    monkeypatch.setattr(chat, "scrub_bytes", bug)
     try:
         with responses.RequestsMock() as mocked:
             mocked.add(responses.POST, UPSTREAM + "/chat/completions",

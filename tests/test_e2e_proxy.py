@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import sqlite3
+import time
 
 import openai
 import pytest
@@ -246,10 +248,27 @@ def test_mock_mode_serves_sdk_and_stream(gunicorn_server) -> None:
     assert health["status"] == "ok" and set(health["providers"]) == {"mock-budget", "mock-standard", "mock-premium"}
 
 
-def test_reply_without_usage_has_no_cost(fake_upstream, make_config, gunicorn_server) -> None:
+def test_reply_without_usage_has_no_cost(fake_upstream, make_config, gunicorn_server, tmp_path) -> None:
+    """No usage in the answer: the cost is unknown (NULL), not 0 — a free request would skew every sum."""
     up = fake_upstream()
     up.default = reply(usage=False)
     server = gunicorn_server(make_config([up]))
     r = server.chat()
     assert r.status_code == 200
     assert "x-arbstr-cost-sats" not in r.headers
+    rid = r.headers["x-arbstr-request-id"]
+    # The row, as the API shows it (written by a background thread: wait for it) ...
+    deadline = time.monotonic() + 10
+    while (row := server.get(f"/v1/requests/{rid}")).status_code == 404 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert row.status_code == 200, row.text
+    row = row.json()
+    assert row["status"] == "ok" and row["success"] is True and row["provider"] == up.name
+    assert row["cost_sats"] is None
+    assert row["tokens"] == {"input": None, "output": None}
+    # ... and as stored: NULL, not 0.
+    assert server.stop() == 0
+    with sqlite3.connect(tmp_path / "arbstr.db") as db:
+        stored = db.execute("SELECT cost_sats, input_tokens, output_tokens FROM requests WHERE request_id = ?",
+                            (rid,)).fetchall()
+    assert stored == [(None, None, None)]

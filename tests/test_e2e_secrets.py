@@ -122,12 +122,25 @@ def test_no_secret_in_any_byte_of_a_full_session(fake_upstream, gunicorn_server,
     r = chat()
     assert r.status_code == 400 and "[REDACTED]" in r.json()["error"]["message"]
     # Every provider fails, each quoting its own key: 401, 503, 429 (+ Retry-After), 500 → 502.
+    # The status depends on which providers the chain reaches: 429 only if every attempt was rate
+    # limited (gamma alone, were the others skipped), else 502. So the scenario pins the reach: every
+    # circuit closed (failure_threshold 100) and no scripted action left over, so this request meets
+    # exactly the four scripted failures, in price order, once each.
+    assert {c["state"] for c in server.get("/health").json()["providers"].values()} == {"closed"}
+    assert [f.pending for f in (alpha, beta, gamma, delta)] == [0, 0, 0, 0]
+    before = [len(f.requests) for f in (alpha, beta, gamma, delta)]
     alpha.script(echo(401))
     beta.script(echo(503))
     gamma.script(echo(429, **{"Retry-After": "0"}))
     delta.script(echo(500))
     r = chat()
-    assert r.status_code in (429, 502) and r.headers.get("x-arbstr-retries")
+    assert r.status_code == 502, (r.status_code, r.text)
+    assert r.json()["error"]["code"] == "upstream_failed"
+    assert r.headers["x-arbstr-retries"] == "1/alpha, 1/beta, 1/gamma, 1/delta"
+    assert r.headers["x-arbstr-provider"] == "delta" and r.headers["x-should-retry"] == "false"
+    assert "Retry-After" not in r.headers  # gamma's 429 is not the answer: nothing to wait for
+    assert [len(f.requests) - n for f, n in zip((alpha, beta, gamma, delta), before, strict=True)] == [1, 1, 1, 1]
+    assert [f.pending for f in (alpha, beta, gamma, delta)] == [0, 0, 0, 0]
     # Streams: an error event mid-stream, then an error as the first event (fails over to beta).
     alpha.script(echo_stream_mid)
     r = chat({"model": "gpt-4o", "messages": MSG, "stream": True})

@@ -2,7 +2,12 @@
 
 Real `gunicorn arbstr:app`, fake providers on loopback that write exact bytes (and die, stall or cut
 on script), and two clients: the openai SDK, which is what users run, and `requests` reading with
-``raw.read1``, which shows the exact bytes and when they arrived.
+``raw.read1``, which shows the exact bytes as they arrive.
+
+Order, not speed: where a test needs "arbstr has passed event N on", the fake holds event N+1 behind a
+``Pause`` the test releases only once the client has event N. How fast events go through is measured
+by bench/bench_stream.py (per-event delay and TTFT overhead, chunked and close-delimited upstreams),
+not asserted here: a subprocess on a shared 2-core machine has no latency a test could rely on.
 
 A stream's log row is finished by arbstr's background writer after the stream ends; nothing crosses
 the process boundary to wait on, so ``settled_row`` polls ``GET /v1/requests/<id>`` until the row has
@@ -14,20 +19,23 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import openai
 import pytest
 import requests
 from conftest import ArbstrServer, provider
-from fakes import CREATED, Pause, reply, splits_at, sse, sse_event, stream_chunks
+from fakes import CREATED, Pause, splits_at, sse, sse_event, stream_chunks
 
 MSG = [{"role": "user", "content": "hello there"}]
 RATES = {"input_rate": 4, "output_rate": 10, "base_fee": 2}
 USAGE = {"prompt_tokens": 123, "completion_tokens": 45, "total_tokens": 168}
 NEVER_OPEN = {"failure_threshold": 1000, "open_secs": 60}  # failures are counted, the circuit stays closed
-INTERVAL = 0.25  # seconds between upstream events where timing matters
+INTERVAL = 0.25  # seconds between upstream events, for streams that must still be running
+HELD = 60.0  # a Pause that only the test ends: far beyond every client timeout below
+READ_TIMEOUT = 10.0  # the client's per-read timeout where a held event must not be needed
+UNHURRIED = 2 * HELD  # stream_idle_timeout_secs where a Pause must end only when released
 COMMENT = re.compile(rb": arbstr (\{[^\n]*\})\n\n")
 
 
@@ -70,16 +78,19 @@ def text_of(chunks: list[Any]) -> str:
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
-def timed_events(resp: requests.Response, t0: float) -> list[tuple[float, bytes]]:
-    """(seconds since t0 at arrival, event) for each LF-framed event, read with read1 (never waits for more)."""
-    buf, out = b"", []
-    while data := resp.raw.read1(65536):
-        now = time.monotonic() - t0
-        buf += data
-        while b"\n\n" in buf:
-            event, buf = buf.split(b"\n\n", 1)
-            out.append((now, event))
-    return out
+def sse_events(resp: requests.Response) -> Iterator[bytes]:
+    """Each LF-framed event of a streamed response, yielded as soon as its last byte has been read
+    (``read1`` returns what has arrived and never waits for more)."""
+    buf = b""
+    while True:
+        while b"\n\n" not in buf:
+            data = resp.raw.read1(65536)
+            if not data:
+                assert not buf, f"body ended inside an event: {buf[:200]!r}"
+                return
+            buf += data
+        event, buf = buf.split(b"\n\n", 1)
+        yield event
 
 
 def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -87,12 +98,15 @@ def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dic
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
 
 
-def stream_of(stream: Any) -> tuple[list[Any], BaseException | None]:
-    """Iterate an SDK stream to its end; the chunks seen and the exception that ended it, if any."""
+def stream_of(stream: Any, on_chunk: Callable[[int], object] | None = None) -> tuple[list[Any], BaseException | None]:
+    """Iterate an SDK stream to its end; the chunks seen and the exception that ended it, if any.
+    ``on_chunk(n)`` runs once the n-th chunk (1-based) has arrived."""
     got: list[Any] = []
     try:
         for c in stream:
-            got.append(c)  # noqa: PERF402 - one by one: the chunks before the exception are the point
+            got.append(c)
+            if on_chunk is not None:
+                on_chunk(len(got))
     except openai.APIError as e:
         return got, e
     return got, None
@@ -191,13 +205,15 @@ def test_upstream_dying_after_three_chunks(single, chunked: bool, cut: str, with
     chunks = stream_chunks(content="one two three four five", usage=USAGE)
     if with_usage:
         chunks = running_usage(chunks)
-    # The pause lets arbstr read the third event before the connection dies (an RST discards unread bytes).
-    up.default = sse([*chunks[:3], Pause(0.3), *chunks[3:]], cut_after=3, cut=cut, chunked=chunked)
-    server = start()
-    with server.openai_client().chat.completions.with_streaming_response.create(
+    # The connection dies only once the client has the third chunk, so arbstr has read all three (an
+    # RST discards unread bytes): the pause is released from the client side, not by a timer.
+    die = Pause(HELD)
+    up.default = sse([*chunks[:3], die, *chunks[3:]], cut_after=3, cut=cut, chunked=chunked)
+    server = start(stream_idle_timeout_secs=UNHURRIED)  # the cut, not a slow release, ends the stream
+    with server.openai_client(timeout=READ_TIMEOUT).chat.completions.with_streaming_response.create(
             model="gpt-4o", messages=MSG, stream=True) as raw:
         request_id = raw.headers["x-arbstr-request-id"]
-        got, err = stream_of(raw.parse())
+        got, err = stream_of(raw.parse(), on_chunk=lambda n: die.release() if n == 3 else None)
     assert isinstance(err, openai.APIError), "a truncated stream must not look like a completion"
     assert err.code == "stream_interrupted" and err.type == "upstream_error"
     assert "interrupted" in err.message
@@ -218,17 +234,21 @@ def test_upstream_dying_after_three_chunks(single, chunked: bool, cut: str, with
 def test_upstream_going_idle_past_the_idle_timeout(single) -> None:
     up, start = single
     chunks = stream_chunks(content="one two three", usage=USAGE)
-    up.default = sse([*chunks[:2], Pause(30), *chunks[2:]])
+    silence = Pause(HELD)
+    up.default = sse([*chunks[:2], silence, *chunks[2:]])
     server = start()  # stream_idle_timeout_secs = 1
-    stream = server.openai_client().chat.completions.create(model="gpt-4o", messages=MSG, stream=True)
+    asked = time.monotonic()  # arbstr's last upstream read (the second event) comes after this
+    stream = server.openai_client(timeout=30).chat.completions.create(model="gpt-4o", messages=MSG, stream=True)
     it = iter(stream)
     got = [next(it), next(it)]
-    t_second = time.monotonic()
     more, err = stream_of(it)
-    waited = time.monotonic() - t_second
+    ended = time.monotonic() - asked
     assert isinstance(err, openai.APIError) and err.code == "stream_interrupted"
     assert not more and text_of(got) == "one"
-    assert 0.8 <= waited < 3.0
+    assert not silence.released  # the provider was still silent: arbstr's idle timeout ended it
+    # Not before the 1 s idle timeout (counted from a moment before the last read, so this bound is
+    # exact); long before the 60 s silence would have ended (generous for a loaded machine).
+    assert 1.0 <= ended < 10.0
     up.connections[0].wait_closed_by_client(5)  # arbstr hung up on the silent provider
 
     request_id = stream.response.headers["x-arbstr-request-id"]
@@ -298,39 +318,44 @@ def test_upstream_ending_unfinished_without_done(single, chunked: bool) -> None:
 # The client leaving (§6.3): upstream closed at once, row client_disconnected, breaker neutral
 
 
-def _leave_after_one_chunk_sdk(server: ArbstrServer) -> tuple[str, float]:
+def _leave_after_one_chunk_sdk(server: ArbstrServer) -> str:
     raw = server.openai_client().chat.completions.with_raw_response.create(model="gpt-4o", messages=MSG,
                                                                            stream=True)
     stream = raw.parse()
     next(iter(stream))
     stream.close()
-    return raw.headers["x-arbstr-request-id"], time.monotonic()
+    return raw.headers["x-arbstr-request-id"]
 
 
-def _leave_after_one_chunk_requests(server: ArbstrServer) -> tuple[str, float]:
+def _leave_after_one_chunk_requests(server: ArbstrServer) -> str:
     r = server.chat(stream=True)
     assert r.raw.read1(65536)
     r.close()
-    return r.headers["x-arbstr-request-id"], time.monotonic()
+    return r.headers["x-arbstr-request-id"]
 
 
 @pytest.mark.parametrize("leave", [_leave_after_one_chunk_sdk, _leave_after_one_chunk_requests],
                          ids=["sdk", "requests"])
-def test_client_leaving_closes_the_upstream(single, leave: Callable[[ArbstrServer], tuple[str, float]]) -> None:
+def test_client_leaving_closes_the_upstream(single, leave: Callable[[ArbstrServer], str]) -> None:
+    """The client leaves after the first chunk. The provider then sends a few events (which arbstr can
+    only fail to deliver) and stalls for 60 s: its connection closes before that only if arbstr hangs up."""
     up, start = single
-    words = " ".join(f"w{i}" for i in range(60))  # ~15 s of stream if nobody stops it
-    up.default = sse(content=words, interval=INTERVAL)
-    server = start()
-    request_id, left_at = leave(server)
-    conn = up.connections[0]
-    closed_at = conn.wait_closed_by_client(timeout=10)
-    assert closed_at - left_at < 2 * INTERVAL + 0.5
-    assert conn.events_sent < 10  # the provider stopped generating
+    chunks = stream_chunks(content=" ".join(f"w{i}" for i in range(60)))
+    resume, stall = Pause(HELD), Pause(HELD)
+    up.default = sse([chunks[0], resume, *chunks[1:4], stall, *chunks[4:]])
+    server = start(stream_idle_timeout_secs=UNHURRIED)  # no idle timeout during the stall: only a hang-up
+    asked = time.monotonic()
+    request_id = leave(server)
+    resume.release()  # only now does the provider go on: the client is gone by then
+    conn = up.last_request.connection
+    conn.wait_closed_by_client(timeout=10)  # generous: the alternative is the 60 s stall
+    assert not stall.released and conn.events_sent <= 4  # the provider stopped generating
 
     row = settled_row(server, request_id)
     assert row["status"] == "client_disconnected" and row["success"] is False
     assert row["tokens"] == {"input": None, "output": None} and row["cost_sats"] is None
-    assert row["timing"]["stream_duration_ms"] < 5000
+    # The stream's duration is real time within this test, not the whole stream's 60 s and more.
+    assert row["timing"]["stream_duration_ms"] <= (time.monotonic() - asked) * 1000
     assert failure_count(server) == 0  # neutral for the breaker
 
 
@@ -345,7 +370,7 @@ def test_stream_outcomes_feed_the_breaker(single) -> None:
     assert failure_count(server) == 1
 
     up.script(sse(content=" ".join(["w"] * 40), interval=INTERVAL))
-    request_id, _ = _leave_after_one_chunk_sdk(server)
+    request_id = _leave_after_one_chunk_sdk(server)
     up.connections[-1].wait_closed_by_client(timeout=10)
     assert settled_row(server, request_id)["status"] == "client_disconnected"
     assert failure_count(server) == 1
@@ -357,36 +382,52 @@ def test_stream_outcomes_feed_the_breaker(single) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Relay timing (§3, §6.1): each event goes out when it arrives, chunked or close-delimited upstream
+# Relay order (§3, §6.1): each event goes out when it arrives, chunked or close-delimited upstream
 
 
 @pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "close-delimited"])
 def test_events_are_relayed_as_they_arrive(single, chunked: bool) -> None:
+    """The client has each event while the provider still holds back the next one: the fake stops after
+    every event until the test, having received that event through arbstr, releases the next. A relay
+    that held back even one event would starve the client, whose reads time out (10 s) long before
+    the fake gives up waiting (60 s). No clock is read: a busy machine makes this slower, never wrong.
+    """
     up, start = single
-    gap = 0.3
-    up.default = sse(content="a b c", usage=USAGE, interval=gap, chunked=chunked)
-    server = start()
-    up.script(reply())
-    server.chat().raise_for_status()  # warm the worker (first-request imports) outside the measurement
-
-    t0 = time.monotonic()
-    r = server.chat(stream=True, extra={"stream_options": {"include_usage": True}})
-    events = [(t, e) for t, e in timed_events(r, t0) if e.startswith(b"data: {")]
-    # role, "a", " b", " c", finish, usage: written gap apart, [DONE] one gap after the last.
+    server = start(stream_idle_timeout_secs=UNHURRIED)  # however long the test takes to release a gate
+    events = stream_chunks("gpt-4o", "a b c", usage=USAGE)  # role, "a", " b", " c", finish, usage
     assert len(events) == 6
-    first, end = events[0][0], events[-1][0]
-    assert first < gap, f"first event after {first:.3f}s: held back"
-    for i, (t, _) in enumerate(events):
-        assert abs((t - first) - i * gap) < 0.15, f"event {i} arrived at {t - first:.3f}s, expected {i * gap}"
-    assert end - first > 4 * gap
 
-    # The same through the SDK's iterator.
-    t0 = time.monotonic()
-    arrivals = [time.monotonic() - t0 for _ in server.openai_client().chat.completions.create(
-        model="gpt-4o", messages=MSG, stream=True, stream_options={"include_usage": True})]
-    assert len(arrivals) == 6 and arrivals[0] < gap
-    for i, t in enumerate(arrivals):
-        assert abs((t - arrivals[0]) - i * gap) < 0.15, f"SDK chunk {i} at {t - arrivals[0]:.3f}s"
+    def gated() -> list[Pause]:
+        """Script the next stream: event i, then gate i (the last one holds back [DONE])."""
+        gates = [Pause(HELD) for _ in events]
+        up.script(sse([item for pair in zip(events, gates, strict=True) for item in pair], chunked=chunked))
+        return gates
+
+    gates = gated()
+    r = server.chat(stream=True, extra={"stream_options": {"include_usage": True}}, timeout=READ_TIMEOUT)
+    conn = up.last_request.connection
+    received = sse_events(r)
+    for i, gate in enumerate(gates):
+        got = json.loads(next(received).removeprefix(b"data: "))
+        if i == len(events) - 1:
+            assert got.pop("arbstr")["provider"] == "p"  # the usage chunk, with arbstr's cost added
+        assert got == events[i]
+        assert not gate.released and conn.events_sent <= i + 1  # event i + 1 is still at the provider
+        gate.release()
+    trailer, done = list(received)
+    assert trailer.startswith(b": arbstr {") and done == b"data: [DONE]"
+
+    # The same through the SDK's iterator: chunk n is in the client's hands before gate n opens.
+    gates = gated()
+    stream = server.openai_client(timeout=READ_TIMEOUT).chat.completions.create(
+        model="gpt-4o", messages=MSG, stream=True, stream_options={"include_usage": True})
+    conn = up.last_request.connection
+    chunks = []
+    for n, c in enumerate(stream, 1):
+        chunks.append(c)
+        assert not gates[n - 1].released and conn.events_sent <= n
+        gates[n - 1].release()
+    assert len(chunks) == 6 and text_of(chunks) == "a b c" and chunks[-1].usage.completion_tokens == 45
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The request log writer: durability, never blocking, failure handling (SPEC §7)."""
+"""The request log writer (log/writer.py) and its SQL (log/db.py): durability, never blocking, failures (SPEC §7)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ import pytest
 
 from arbstr_core.errors import ArbstrError
 from arbstr_core.log import db as logdb
-from arbstr_core.log import writer as logstore
+from arbstr_core.log import writer
 from arbstr_core.log.writer import LogStore
 from arbstr_core.reads import queries
+from arbstr_core.timefmt import utc_timestamp
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def row(i: int = 0, **over) -> dict:
     base = {
         "request_id": str(uuid.uuid4()),
-        "timestamp": logdb.utc_timestamp(),
+        "timestamp": utc_timestamp(),
         "model": "gpt-4o",
         "provider": "provider-alpha",
         "policy": None,
@@ -240,7 +241,7 @@ def test_full_queue_drops_and_counts_without_blocking(db: Path) -> None:
         store.insert(row(i))
     assert store.health() == {"queued": 10, "written": 0, "dropped": 15, "db_ok": True, "write_errors": 0}
     assert store.degraded()
-    now[0] += logstore.DROP_WINDOW_SECS + 1  # drops older than 10 minutes no longer degrade /health
+    now[0] += writer.DROP_WINDOW_SECS + 1  # drops older than 10 minutes no longer degrade /health
     assert not store.degraded()
 
 
@@ -269,10 +270,10 @@ def test_retention_deletes_old_rows_at_start_and_daily(db: Path, monkeypatch: py
     conn = logdb.open_writer(str(db))
     with logdb.transaction(conn):
         for i, age in enumerate((40, 31, 29, 1, 0.1)):
-            logdb.apply_op(conn, ("insert", row(i, timestamp=logdb.utc_timestamp(now - age * day))), "old-process")
+            logdb.apply_op(conn, ("insert", row(i, timestamp=utc_timestamp(now - age * day))), "old-process")
     conn.close()
     clock = [now]
-    monkeypatch.setattr(logstore, "RETENTION_EVERY_SECS", 0.05)
+    monkeypatch.setattr(writer, "RETENTION_EVERY_SECS", 0.05)
     store = LogStore(str(db), retention_days=30, clock=lambda: clock[0])
     store.start()
     assert store.flush()
@@ -322,7 +323,7 @@ def test_streams_of_a_killed_process_on_this_host_are_interrupted_at_once(db: Pa
     dead_pid = int(gone.stdout)
     zombie = subprocess.Popen([sys.executable, "-c", "pass"])
     os.waitid(os.P_PID, zombie.pid, os.WEXITED | os.WNOWAIT)  # it has exited, and stays unreaped for now
-    fresh = logdb.utc_timestamp(time.time())
+    fresh = utc_timestamp(time.time())
     here = logdb.writer_token()
     elsewhere = "another-host:" + here.partition(":")[2]
     killed, unreaped, remote = (row(i, status="streaming", streaming=True) for i in (1, 2, 3))
@@ -389,6 +390,99 @@ def test_there_is_one_schema_file() -> None:
     packaged = ROOT / "arbstr_core" / "log" / "schema.sql"
     assert packaged.is_symlink() and packaged.resolve() == (ROOT / "schema.sql").resolve()
     assert logdb.schema_path().resolve() == (ROOT / "schema.sql").resolve()
+
+
+def _terms(text: str) -> list[str]:
+    """``text`` split at the commas outside parentheses."""
+    terms, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            terms.append(text[start:i].strip())
+            start = i + 1
+    return [*terms, text[start:].strip()]
+
+
+def _hourly_inserts(trigger: str) -> list[tuple[list[str], list[str]]]:
+    """Each ``INSERT INTO requests_hourly VALUES (...) ON CONFLICT DO UPDATE SET ...`` of a trigger: the
+    VALUES terms, and the columns the SET list adds up, in their order."""
+    head, out = "INSERT INTO requests_hourly VALUES (", []
+    pos = trigger.find(head)
+    while pos >= 0:
+        i = start = pos + len(head)
+        depth = 1
+        while depth:
+            depth += {"(": 1, ")": -1}.get(trigger[i], 0)
+            i += 1
+        values = _terms(trigger[start:i - 1])
+        upsert = " ".join(trigger[i:trigger.index(";", i)].split())
+        assert upsert.startswith("ON CONFLICT DO UPDATE SET "), upsert
+        added = []
+        for assignment in _terms(upsert.removeprefix("ON CONFLICT DO UPDATE SET ")):
+            column, _, rest = assignment.partition(" = ")
+            assert rest == f"{column} + excluded.{column}", assignment
+            added.append(column)
+        out.append((values, added))
+        pos = trigger.find(head, i)
+    return out
+
+
+def test_schema_triggers_keep_the_sums_log_db_declares() -> None:
+    """schema.sql spells the sums of log/db.py SUMS again, per row and by position, in requests_hourly's
+    columns and in the update and delete triggers (the schema is fixed; Python declares the sums once).
+    A sum added, removed or reordered on one side only fails here."""
+    script = logdb.schema_path().read_text(encoding="utf-8")
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    logdb.apply_schema(conn, script)
+    columns = [s.column for s in logdb.SUMS]
+    table = [(name, kind) for _, name, kind, *_ in conn.execute("PRAGMA table_info(requests_hourly)")]
+    assert table[:4] == [(key, "TEXT") for key in logdb.KEY_OF_ROW]
+    assert table[4:] == [(s.column, {int: "INTEGER", float: "REAL"}[s.kind]) for s in logdb.SUMS]
+
+    # Rows on which every two sums differ somewhere, so that two sums swapped cannot go unnoticed.
+    rows = [  # success, streaming, input_tokens, output_tokens, cost_sats, latency_ms, ttft_ms
+        (1, 1, 7, 11, 2.5, 300, 40),
+        (1, 0, 13, 17, None, 250, None),
+        (0, 1, None, None, None, 5000, None),
+        (0, 0, 3, 5, 0.75, None, None),
+        (1, 0, 19, 23, 4.25, None, 33),
+    ]
+    for i, r in enumerate(rows):
+        conn.execute(
+            "INSERT INTO requests (request_id, timestamp, model, provider, policy, status, success, streaming, "
+            "input_tokens, output_tokens, cost_sats, latency_ms, ttft_ms) "
+            "VALUES (?, '2026-05-01T12:00:00.000Z', 'Gpt-4o', NULL, 'code', 'ok', ?, ?, ?, ?, ?, ?, ?)",
+            (f"r{i}", *r),
+        )
+    ids = [r[0] for r in conn.execute("SELECT id FROM requests ORDER BY id")]
+
+    def declared(row_id: int) -> tuple:
+        return conn.execute(f"SELECT {logdb.HOURLY_KEY}, {logdb.ROW_SUMS} FROM requests WHERE id = ?",
+                            (row_id,)).fetchone()
+
+    for a in range(len(columns)):
+        for b in range(a + 1, len(columns)):
+            assert any(declared(i)[4 + a] != declared(i)[4 + b] for i in ids), (columns[a], columns[b])
+
+    triggers = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'"))
+    checked = []
+    for name in ("requests_hourly_delete", "requests_hourly_update"):
+        for values, added in _hourly_inserts(triggers[name]):
+            assert added == columns, name
+            alias = "NEW" if "NEW." in values[0] else "OLD"  # NEW adds a row's sums, OLD takes them away
+            sign = 1 if alias == "NEW" else -1
+            terms = ", ".join(v.replace(f"{alias}.", "") for v in values)
+            for i in ids:
+                got = conn.execute(f"SELECT {terms} FROM requests WHERE id = ?", (i,)).fetchone()
+                want = declared(i)
+                assert len(got) == len(want), name
+                assert got[:4] == want[:4], (name, alias)
+                for column, g, w in zip(columns, got[4:], want[4:], strict=True):
+                    assert g == sign * w, (name, alias, column, i)
+            checked.append((name, alias))
+    conn.close()
+    assert checked == [("requests_hourly_delete", "OLD"), ("requests_hourly_update", "OLD"),
+                       ("requests_hourly_update", "NEW")]
 
 
 def test_rollup_keeps_up_when_the_newest_rows_go(db: Path) -> None:

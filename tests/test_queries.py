@@ -19,6 +19,7 @@ from arbstr_core.errors import ArbstrError
 from arbstr_core.log import db as logdb
 from arbstr_core.reads import args as queryargs
 from arbstr_core.reads import queries
+from arbstr_core.timefmt import format_utc
 
 NOW = datetime(2026, 5, 10, 12, 34, 56, 789000, tzinfo=UTC)
 PROVIDERS = (
@@ -26,24 +27,37 @@ PROVIDERS = (
     Provider("provider-beta", "http://b.test/v1", ("gpt-4o",), 5, 15, 0.5),
     Provider("provider-gamma", "http://c.test/v1", ("gpt-4o-mini",), 2, 40, 0),  # dearest only for long answers
 )
-RATES = {"gpt-4o": [(10, 30, 1), (5, 15, 0.5)], "gpt-4o-mini": [(10, 30, 1), (2, 40, 0)]}
+# No longer configured: its rows keep what it charged, and its model, which no configured provider
+# serves, counts toward no savings.
+RETIRED = Provider("provider-retired", "http://r.test/v1", ("unknown-model",), 3, 9, 0.25)
+
+
+def price(p: Provider, input_tokens: int, output_tokens: int) -> float:
+    """What ``p`` charges for one request: its rates are sats per 1000 tokens, plus a fee per request."""
+    return (input_tokens * p.input_rate + output_tokens * p.output_rate) / 1000 + p.base_fee
 
 
 def make_rows(n: int = 1500, seed: int = 7) -> list[dict[str, Any]]:
+    """Rows as the request path writes them: a known cost is what the serving provider's rates give."""
     rnd = random.Random(seed)
     rows = []
     for i in range(n):
         ts = NOW - timedelta(seconds=rnd.uniform(-600, 40 * 86400))  # a few in the future, some past 30 days
-        ok = rnd.random() < 0.85
+        served_by = rnd.choice([*PROVIDERS, RETIRED, None])  # None: refused before any provider was tried
+        model = rnd.choice(served_by.models) if served_by else rnd.choice(["gpt-4o", "unknown-model", None])
+        if model and rnd.random() < 0.25:
+            model = model.upper()  # as the client spelled it
+        provider = served_by and (served_by.name if rnd.random() < 0.75 else served_by.name.title())
+        ok = served_by is not None and rnd.random() < 0.85
         stream = rnd.random() < 0.4
         tin, tout = rnd.randint(1, 5000), rnd.randint(1, 2000)
         known = ok and rnd.random() < 0.9
         latency = rnd.randint(20, 9000) if ok or rnd.random() < 0.5 else None
         rows.append({
             "request_id": f"req-{i:05d}",
-            "timestamp": logdb.format_utc(ts),
-            "model": rnd.choice(["gpt-4o", "GPT-4o", "gpt-4o-mini", "unknown-model", None]),
-            "provider": rnd.choice(["provider-alpha", "provider-beta", "Provider-Beta", None]),
+            "timestamp": format_utc(ts),
+            "model": model,
+            "provider": provider,
             "policy": rnd.choice([None, "code", "chat"]),
             "streaming": stream,
             "status": ("complete" if stream else "ok") if ok else "error",
@@ -51,7 +65,7 @@ def make_rows(n: int = 1500, seed: int = 7) -> list[dict[str, Any]]:
             "http_status": 200 if ok else rnd.choice([400, 502, 504]),
             "input_tokens": tin if known else None,
             "output_tokens": tout if known else None,
-            "cost_sats": (tin * 7 + tout * 21) / 1000 + 0.5 if known else None,
+            "cost_sats": price(served_by, tin, tout) if known else None,
             "latency_ms": latency,
             "ttft_ms": rnd.randint(5, 500) if stream and ok else None,
             "stream_duration_ms": latency if stream else None,
@@ -61,8 +75,8 @@ def make_rows(n: int = 1500, seed: int = 7) -> list[dict[str, Any]]:
             "client_retry_count": 0,
         })
     # Exact edges: since is inclusive, until exclusive.
-    rows[0]["timestamp"] = logdb.format_utc(NOW - timedelta(hours=1))
-    rows[1]["timestamp"] = logdb.format_utc(NOW)
+    rows[0]["timestamp"] = format_utc(NOW - timedelta(hours=1))
+    rows[1]["timestamp"] = format_utc(NOW)
     return rows
 
 
@@ -129,13 +143,16 @@ def select(rows, since, until, model=None, provider=None, policy=None, success=N
 def expected(rows: list[dict[str, Any]]) -> dict[str, Any]:
     lat = sorted(r["latency_ms"] for r in rows if r["success"] and r["latency_ms"] is not None)
     ttft = [r["ttft_ms"] for r in rows if r["success"] and r["ttft_ms"] is not None]
+    # Savings, row by row (test_savings_by_hand pins the definition with numbers): per model, what the
+    # configured provider that would have charged most for its priced requests would have charged, less
+    # what they cost.
     savings = 0.0
     for model in {(r["model"] or "").casefold() for r in rows}:
         costed = [r for r in rows if (r["model"] or "").casefold() == model and r["cost_sats"] is not None]
-        if costed and model in RATES:
-            cin, cout = sum(r["input_tokens"] for r in costed), sum(r["output_tokens"] for r in costed)
-            dearest = max((cin * i + cout * o) / 1000 + len(costed) * f for i, o, f in RATES[model])
-            savings += dearest - sum(r["cost_sats"] for r in costed)
+        charged = [sum(price(p, r["input_tokens"], r["output_tokens"]) for r in costed)
+                   for p in PROVIDERS if model in p.models]
+        if costed and charged:
+            savings += max(charged) - sum(r["cost_sats"] for r in costed)
 
     def nearest_rank(p: int) -> Any:
         return lat[math.ceil(p / 100 * len(lat)) - 1] if lat else None
@@ -175,7 +192,7 @@ def test_stats_totals_per_range(dataset, percentile_path, range_) -> None:
     path, rows = dataset
     doc = queries.stats(path, {"range": range_} if range_ else {}, PROVIDERS, now=NOW)
     since = NOW - queryargs.RANGES[range_ or "last_7d"]
-    assert doc["since"] == logdb.format_utc(since) and doc["until"] == logdb.format_utc(NOW)
+    assert doc["since"] == format_utc(since) and doc["until"] == format_utc(NOW)
     assert core(doc) == expected(select(rows, since, NOW))
     assert "groups" not in doc
 
@@ -263,6 +280,80 @@ def test_percentiles_of_awkward_latencies(tmp_path, percentile_path, group_by) -
         for key, g in doc["groups"].items():
             k = "" if key == "(none)" else key.casefold()
             assert core(g) == expected([r for r in chosen if (r["model"] or "").casefold() == k]), key
+
+
+def hand_row(rid: str, at: str, model: str | None, provider: str | None, tokens: tuple[int, int] | None,
+             cost: float | None, streaming: bool = False) -> dict[str, Any]:
+    """A row of 2026-05-10 at ``at`` (HH:MM); no tokens means a failed request."""
+    ok = tokens is not None
+    return {
+        "request_id": rid, "timestamp": f"2026-05-10T{at}:00.000Z", "model": model, "provider": provider,
+        "policy": None, "streaming": streaming, "status": ("complete" if streaming else "ok") if ok else "error",
+        "success": ok, "http_status": 200 if ok else 502, "input_tokens": tokens and tokens[0],
+        "output_tokens": tokens and tokens[1], "cost_sats": cost, "latency_ms": 100, "ttft_ms": None,
+        "stream_duration_ms": None, "retries": None, "error_type": None if ok else "upstream_error",
+        "error_message": None, "client_retry_count": 0,
+    }
+
+
+# Each cost is what its provider's rates give: sats per 1000 input and output tokens, plus a fee per request.
+# provider-alpha 10/30/1 (gpt-4o, gpt-4o-mini), provider-beta 5/15/0.5 (gpt-4o), provider-gamma 2/40/0
+# (gpt-4o-mini); provider-retired, 1/2/0, is no longer configured. Asked: 09:30 to 12:30, so the hours
+# 09 and 12 are partial (summed from the rows), 10 and 11 whole (from the hourly tables).
+HAND_ROWS = [
+    hand_row("before", "09:10", "gpt-4o", "provider-beta", (1000, 1000), 5 + 15 + 0.5),  # before since
+    # A: gpt-4o at beta, 1000 in, 200 out: 1000*5/1000 + 200*15/1000 + 0.5 = 5 + 3 + 0.5 = 8.5
+    hand_row("A", "09:45", "gpt-4o", "provider-beta", (1000, 200), 8.5),
+    # B: gpt-4o (as the client spelled it) at alpha, 400 in, 100 out: 4 + 3 + 1 = 8
+    hand_row("B", "10:20", "GPT-4o", "provider-alpha", (400, 100), 8.0, streaming=True),
+    hand_row("failed", "10:30", "gpt-4o", "provider-beta", None, None),  # no usage, no cost
+    # G: unknown-model at provider-retired, 2000 in, 500 out: 2000*1/1000 + 500*2/1000 = 2 + 1 = 3
+    hand_row("G", "10:50", "unknown-model", "provider-retired", (2000, 500), 3.0),
+    # C: gpt-4o-mini at gamma, 1000 in, 100 out: 1000*2/1000 + 100*40/1000 + 0 = 2 + 4 = 6
+    hand_row("C", "11:05", "gpt-4o-mini", "provider-gamma", (1000, 100), 6.0),
+    # D: gpt-4o-mini at alpha, 100 in, 1000 out: 100*10/1000 + 1000*30/1000 + 1 = 1 + 30 + 1 = 32
+    hand_row("D", "12:10", "gpt-4o-mini", "provider-alpha", (100, 1000), 32.0, streaming=True),
+    hand_row("after", "12:40", "gpt-4o-mini", "provider-gamma", (1000, 1000), 2 + 40),  # at until and after
+]
+HAND_RANGE = {"since": "2026-05-10T09:30:00Z", "until": "2026-05-10T12:30:00Z"}
+
+
+@pytest.mark.parametrize("rolled_up", [len(HAND_ROWS), 4, 0])
+def test_savings_by_hand(tmp_path, rolled_up) -> None:
+    """Savings: per model, what its priced requests would have cost at the configured provider that would
+    have charged most for all of them, less what they cost. Worked out here by hand, not by formula."""
+    path = tmp_path / "hand.db"
+    write(path, HAND_ROWS, rolled_up)
+    doc = queries.stats(str(path), HAND_RANGE, PROVIDERS, now=NOW)
+    # gpt-4o, A and B: 1400 in, 300 out, 2 requests; they cost 8.5 + 8 = 16.5.
+    #   alpha: 1400*10/1000 + 300*30/1000 + 2*1   = 14 + 9 + 2   = 25    (the dearest)
+    #   beta:  1400*5/1000  + 300*15/1000 + 2*0.5 = 7 + 4.5 + 1  = 12.5
+    #   saved 25 - 16.5 = 8.5
+    # gpt-4o-mini, C and D: 1100 in, 1100 out, 2 requests; they cost 6 + 32 = 38.
+    #   alpha: 1100*10/1000 + 1100*30/1000 + 2*1 = 11 + 33 + 2  = 46
+    #   gamma: 1100*2/1000  + 1100*40/1000 + 0   = 2.2 + 44     = 46.2  (the dearest)
+    #   saved 46.2 - 38 = 8.2 (not the 14 + 40.2 - 38 = 16.2 of each request's own dearest provider)
+    # unknown-model, G: no configured provider serves it, nothing saved.
+    assert doc["costs"] == {
+        "total_cost_sats": pytest.approx(8.5 + 8 + 3 + 6 + 32),
+        "total_input_tokens": 1000 + 400 + 2000 + 1000 + 100,
+        "total_output_tokens": 200 + 100 + 500 + 100 + 1000,
+        "savings_sats": pytest.approx(8.5 + 8.2),
+    }
+    assert doc["counts"] == {"total": 6, "success": 5, "error": 1, "streaming": 2}
+
+    by_model = queries.stats(str(path), {**HAND_RANGE, "group_by": "model"}, PROVIDERS, now=NOW)["groups"]
+    assert {k.casefold(): g["costs"]["savings_sats"] for k, g in by_model.items()} == {
+        "gpt-4o": pytest.approx(8.5), "gpt-4o-mini": pytest.approx(8.2), "unknown-model": 0}
+    # By provider, each group's own requests are compared, so the groups do not add up to the whole:
+    #   beta, A alone: at alpha 10 + 6 + 1 = 17, paid 8.5: saved 8.5
+    #   alpha, B and D, one model each: B at alpha 8 (beta 2 + 1.5 + 0.5 = 4), paid 8: saved 0;
+    #     D at gamma 0.2 + 40 = 40.2 (alpha 32), paid 32: saved 8.2
+    #   gamma, C alone: at alpha 10 + 3 + 1 = 14 (gamma 6), paid 6: saved 8
+    by_provider = queries.stats(str(path), {**HAND_RANGE, "group_by": "provider"}, PROVIDERS, now=NOW)["groups"]
+    assert {k: g["costs"]["savings_sats"] for k, g in by_provider.items()} == {
+        "provider-alpha": pytest.approx(0 + 8.2), "provider-beta": pytest.approx(8.5),
+        "provider-gamma": pytest.approx(8), "provider-retired": 0}
 
 
 def test_stats_of_nothing(dataset, tmp_path) -> None:

@@ -11,6 +11,7 @@ import pytest
 from arbstr_core.config import Config, DatabaseConfig, Provider
 from arbstr_core.log import db as logdb
 from arbstr_core.reads import queries, report
+from arbstr_core.timefmt import utc_timestamp
 
 PROVIDERS = (Provider("provider-alpha", "http://a.test/v1", ("gpt-4o",), 10, 30, 1),
              Provider("provider-beta", "http://b.test/v1", ("gpt-4o",), 5, 15, 0.5))
@@ -23,7 +24,7 @@ def cfg(tmp_path: Path) -> Config:
     with logdb.transaction(conn):
         for i in range(150):
             logdb.apply_op(conn, ("insert", {
-                "request_id": f"req-{i:03d}", "timestamp": logdb.utc_timestamp() if i else "2001-01-01T00:00:00.000Z",
+                "request_id": f"req-{i:03d}", "timestamp": utc_timestamp() if i else "2001-01-01T00:00:00.000Z",
                 "model": "gpt-4o", "provider": "provider-beta", "status": "ok" if i % 10 else "error",
                 "success": bool(i % 10), "streaming": False, "input_tokens": 1000, "output_tokens": 100 + i,
                 "cost_sats": (1000 * 5 + (100 + i) * 15) / 1000 + 0.5, "latency_ms": 100 + i,

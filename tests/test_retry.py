@@ -23,9 +23,10 @@ from arbstr_core.request.failures import (
     MODEL_NOT_FOUND,
     OK,
     SENT_FAILED,
+    AttemptResult,
     classify_status,
 )
-from arbstr_core.request.retry import Abandoned, AttemptResult, Attempts, backoff_secs, run_chain
+from arbstr_core.request.retry import Abandoned, Attempts, backoff_secs, run_chain
 
 MAX_RETRY_AFTER = 10.0
 BASE_MS = 1000.0
@@ -119,9 +120,9 @@ class Env:
     breakers: BreakerRegistry
 
     def run(self, script: Script, candidates: Sequence[Provider] = CANDIDATES, *, retry: RetryConfig | None = None,
-            deadline: float | None = None, rand: Callable[[], float] = lambda: 0.5) -> Any:
+            deadline: float | None = None, rand: Callable[[], float] = lambda: 0.5, hold: bool = True) -> Any:
         return run_chain(candidates, script, retry=retry or RetryConfig(), breakers=self.breakers,
-                         cancel=self.cancel, deadline=deadline, clock=self.clock, rand=rand)
+                         cancel=self.cancel, deadline=deadline, clock=self.clock, rand=rand, hold=hold)
 
 
 @pytest.fixture
@@ -334,12 +335,22 @@ def test_5xx_and_connect_failures_count_against_the_breaker(env: Env) -> None:
     assert alpha["last_error"].startswith("server_error") and "503" in alpha["last_error"]
 
 
-def test_success_is_left_for_the_caller_to_record(env: Env) -> None:
+def test_a_held_success_is_left_for_the_caller_to_record(env: Env) -> None:
+    """A stream's success is known only at its end: the chain hands its permit over."""
     script = Script({"provider-alpha": [http(500), ok()]})
-    out = env.run(script)
+    out = env.run(script, hold=True)
     assert snap(env, "provider-alpha")["failure_count"] == 1
     env.breakers.record(out.permit, "success")
     assert snap(env, "provider-alpha")["failure_count"] == 0
+
+
+def test_without_hold_the_chain_records_the_success_itself(env: Env) -> None:
+    open_circuit(env, "provider-alpha")
+    env.clock.advance(30)
+    out = env.run(Script({"provider-alpha": [ok()]}), hold=False)
+    assert out.permit is None and out.provider is ALPHA
+    assert snap(env, "provider-alpha") | {"last_error": None} == {
+        "state": "closed", "failure_count": 0, "opened_at": None, "last_error": None}
 
 
 # --- Retry-After ----------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from arbstr_core.errors import ArbstrError
 from arbstr_core.request.breaker import BreakerRegistry
 from arbstr_core.request.failures import FAILURE
 from arbstr_core.request.latency import LatencyWindow
-from arbstr_core.request.routing import last_user_text, match_policy, message_text, price_key, select_candidates
+from arbstr_core.request.routing import match_policy, price_key, select_candidates
 
 
 def provider(name: str, output_rate: float, base_fee: float = 0, models: Sequence[str] = ("gpt-4o",),
@@ -46,43 +46,6 @@ RULES = (
     PolicyRule("catch_all_code", keywords=("code",)),
     PolicyRule("no_keywords"),
 )
-
-
-# --- message text -------------------------------------------------------------------------------
-
-
-def test_message_text_of_a_string() -> None:
-    assert message_text("hello") == "hello"
-
-
-def test_message_text_of_an_array_keeps_only_text_parts() -> None:
-    content = [
-        {"type": "text", "text": "first"},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,code"}},
-        {"type": "text", "text": "second"},
-        "not a part",
-        {"type": "text", "text": 5},
-    ]
-    text = message_text(content)
-    assert "first" in text and "second" in text
-    assert "code" not in text and "image" not in text
-
-
-@pytest.mark.parametrize("content", [None, 5, {"text": "x"}, []])
-def test_message_text_of_anything_else_is_empty(content: Any) -> None:
-    assert message_text(content) == ""
-
-
-def test_last_user_text_skips_later_assistant_messages() -> None:
-    messages = [user("one"), {"role": "assistant", "content": "two"}, user("three"),
-                {"role": "assistant", "content": "four"}, {"role": "tool", "content": "five"}]
-    assert last_user_text(messages) == "three"
-
-
-def test_last_user_text_without_a_user_message() -> None:
-    assert last_user_text([{"role": "system", "content": "code"}]) == ""
-    assert last_user_text([]) == ""
-    assert last_user_text(["junk", None, 3]) == ""
 
 
 # --- policies (§2.1) ----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from arbstr_core.secrets import (
     SOURCE_EXPANDED,
     SOURCE_LITERAL,
     SOURCE_NONE,
+    Scrubber,
     Secret,
     convention_var,
     expand,
@@ -271,3 +272,30 @@ def test_resolve_unset_reference_is_an_error_even_with_a_convention_variable() -
     env = {"ARBSTR_P_API_KEY": "conv-key-value"}
     with pytest.raises(ConfigError, match="MISSING"):
         resolve_key("p", "${MISSING}", env, "cfg: provider 'p' api_key")
+
+
+# --- Scrubber ---------------------------------------------------------------------------------
+
+
+def test_scrubber_replaces_every_configured_secret() -> None:
+    keys = ["cashuAalpha0123456789", "sk-beta-abcdefghijkl", "auth-token-xyz"]
+    scrub = Scrubber(Secret(k) for k in keys)
+    text = f"invalid key {keys[0]} (also tried {keys[1]}); token {keys[2]} and {keys[0]} again"
+    out = scrub(text)
+    assert all(k not in out for k in keys)
+    assert out == f"invalid key {REDACTED} (also tried {REDACTED}); token {REDACTED} and {REDACTED} again"
+
+
+def test_scrubber_without_secrets_is_identity() -> None:
+    assert Scrubber([])("nothing to hide") == "nothing to hide"
+
+
+def test_scrubber_leaves_unrelated_text_alone() -> None:
+    assert Scrubber([Secret("cashuAalpha0123456789")])("model not found") == "model not found"
+
+
+def test_scrubber_handles_a_key_containing_another() -> None:
+    long_key, short_key = "prefix-0123456789-suffix", "0123456789"
+    for order in ([long_key, short_key], [short_key, long_key]):
+        out = Scrubber(Secret(k) for k in order)(f"a {long_key} b {short_key}")
+        assert long_key not in out and short_key not in out

@@ -33,8 +33,8 @@ from typing import Any
 import pytest
 from conftest import ArbstrServer, write_config
 
-from arbstr_core.log import db as logdb
 from arbstr_core.log.writer import LogStore
+from arbstr_core.timefmt import utc_timestamp
 
 DEADLINE = 60.0  # generous: the machine is shared; recovery itself takes one 5 s retry (+5 s busy wait)
 
@@ -209,7 +209,7 @@ def test_disk_full_at_unit_level(tmp_path: Path) -> None:
 
 
 def _row(request_id: str) -> dict[str, Any]:
-    return {"request_id": request_id, "timestamp": logdb.utc_timestamp(), "model": "gpt-4o", "provider": "p",
+    return {"request_id": request_id, "timestamp": utc_timestamp(), "model": "gpt-4o", "provider": "p",
             "policy": None, "streaming": False, "status": "ok", "success": True, "http_status": 200,
             "input_tokens": 1, "output_tokens": 2, "cost_sats": 0.5, "latency_ms": 3, "ttft_ms": None,
             "stream_duration_ms": None, "retries": None, "error_type": None, "error_message": None,

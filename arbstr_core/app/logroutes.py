@@ -1,6 +1,6 @@
 """HTTP read API over the request log: GET /v1/stats, /v1/requests, /v1/requests/<id> (SPEC §4.7, §4.8).
 
-Auth and error rendering are app-wide (web.py): views raise :class:`ArbstrError` and return plain dicts.
+Auth and error rendering are app-wide (factory.py, handlers.py): views raise :class:`ArbstrError` and return plain dicts.
 State comes from ``current_app.extensions["arbstr"]`` (``.config``); reads go straight to the SQLite
 file through :mod:`arbstr_core.reads.queries`, never through the writer.
 """
@@ -39,5 +39,3 @@ def get_request(request_id: str) -> dict[str, Any]:
         raise ArbstrError(404, f"no request with id '{request_id}' in the log", code="request_not_found",
                           param="request_id")
     return row
-
-bp = logapi  # alias for app.register_blueprint(bp)

@@ -16,7 +16,7 @@ from requests.adapters import BaseAdapter
 from requests.structures import CaseInsensitiveDict
 
 from ..config import Config, from_mapping
-from ..request.routing import last_user_text
+from ..request.body import last_user_text
 
 # `.invalid` never resolves (RFC 6761), so a mock URL can never reach a real host by mistake.
 MOCK_PROVIDERS = [

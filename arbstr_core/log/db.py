@@ -1,8 +1,9 @@
-"""The request log's SQL on the write connection: schema, writes, stream sweep, retention (SPEC §7).
+"""The request log's SQL on the write connection: schema, migrations, writes, sweep, retention, roll-up (SPEC §7).
 
 Plain functions over one ``sqlite3.Connection`` in autocommit mode (``isolation_level=None``), each
 owning its transaction, so :mod:`arbstr_core.log.writer` is only about the queue and the thread, and
-tests drive the SQL without a thread.
+tests drive the SQL without a thread. The few SQL fragments the readers (:mod:`arbstr_core.reads`)
+must spell the same way, the hourly key and sums above all, are declared here once.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import os
 import re
 import socket
 import sqlite3
-import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+from ..timefmt import utc_timestamp
 
 log = logging.getLogger("arbstr.logstore")
 
@@ -50,14 +51,13 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
 WRITER_CACHE_KIB = 4096  # the writer's page cache: it fills as the database grows and stays in RSS
 WAL_CHECKPOINT_PAGES = 10000  # about 40 MB of WAL between automatic checkpoints
 
-Where = tuple[str, list[Any]]  # an SQL condition over requests, and its parameters
 TIMED_OK = "success = 1 AND latency_ms IS NOT NULL"  # the rows latency averages and percentiles count
 # The same rows where another index should narrow the set: "+" keeps these columns out of the choice.
 TIMED_OK_UNINDEXED = "+success = 1 AND +latency_ms IS NOT NULL"
 
-# Errors of one row (bad value, duplicate request_id): retrying cannot fix them.
-# What one bad row raises (ValueError: a str SQLite cannot encode; OverflowError: an int past 64 bits):
-# the row is dropped and counted, the others written, the writer goes on.
+# What one bad row raises (a duplicate request_id, a NULL where none may be; ValueError: a str SQLite
+# cannot encode; OverflowError: an int past 64 bits): retrying cannot fix it, so the row is dropped and
+# counted, the others written, and the writer goes on.
 ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError, sqlite3.DataError,
               ValueError, OverflowError)
 
@@ -67,22 +67,6 @@ _INTERRUPTED = (
     "error_message = COALESCE(error_message, 'arbstr stopped before the stream ended') "
     "WHERE status = 'streaming' AND "
 )
-
-
-def format_utc(dt: datetime) -> str:
-    """ISO 8601 UTC with milliseconds and ``Z``: text order is time order, which the indexes rely on."""
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    d = dt.astimezone(UTC)
-    return (
-        f"{d.year:04d}-{d.month:02d}-{d.day:02d}T{d.hour:02d}:{d.minute:02d}:{d.second:02d}"
-        f".{d.microsecond // 1000:03d}Z"
-    )
-
-
-def utc_timestamp(t: float | None = None) -> str:
-    """The ``timestamp`` column's form of a Unix time (now by default)."""
-    return format_utc(datetime.fromtimestamp(time.time() if t is None else t, UTC))
 
 
 def schema_path() -> Path:
@@ -306,28 +290,55 @@ def purge(conn: sqlite3.Connection, before: float, chunk: int) -> int:
     return deleted
 
 
-# The rows' hourly key (hour, model, provider, policy) as requests_hourly and requests_latency_hourly
-# store it, and the sums requests_hourly keeps of them (_SUMS), over rows of requests.
-HOURLY_KEY = ("substr(timestamp, 1, 13), COALESCE(model, '') COLLATE NOCASE, "
-              "COALESCE(provider, '') COLLATE NOCASE, COALESCE(policy, '') COLLATE NOCASE")
-ROW_SUMS = (
-    "COUNT(*), TOTAL(success = 1), TOTAL(streaming = 1), TOTAL(success = 1 AND streaming = 1), "
-    "TOTAL(input_tokens), TOTAL(output_tokens), "
-    "TOTAL(cost_sats), COUNT(cost_sats), TOTAL(IIF(cost_sats IS NULL, 0, input_tokens)), "
-    "TOTAL(IIF(cost_sats IS NULL, 0, output_tokens)), TOTAL(IIF(success = 1, latency_ms, 0)), "
-    "COUNT(IIF(success = 1, latency_ms, NULL)), TOTAL(IIF(success = 1, ttft_ms, 0)), "
-    "COUNT(IIF(success = 1, ttft_ms, NULL))"
+# The rows' hourly key, column by column of requests_hourly and requests_latency_hourly, over rows of
+# requests: NULL names are stored as '' and compared without case.
+KEY_OF_ROW = {
+    "hour": "substr(timestamp, 1, 13)",
+    "model": "COALESCE(model, '') COLLATE NOCASE",
+    "provider": "COALESCE(provider, '') COLLATE NOCASE",
+    "policy": "COALESCE(policy, '') COLLATE NOCASE",
+}
+HOURLY_KEY = ", ".join(KEY_OF_ROW.values())
+
+
+class Sum(NamedTuple):
+    """One of the sums requests_hourly keeps per hourly key."""
+
+    column: str  # in requests_hourly
+    of_rows: str  # the aggregate over rows of requests that fills it
+    kind: type  # int for an INTEGER column, float for a REAL one
+
+
+# Every sum, declared once: the roll-up below, the readers' SUM()s over the hourly table and their sums
+# over the newest rows (reads/queries.py), and the totals they fill (reads/aggregate.py Totals) all
+# follow this table. schema.sql's update and delete triggers spell the same sums per row, in this order
+# (tests/test_logstore.py checks them against it); a new sum needs a column, trigger terms and a
+# migration there too. Token sums for savings count rows with a known cost only; latency and ttft sums
+# count successful rows only.
+SUMS = (
+    Sum("total", "COUNT(*)", int),
+    Sum("success", "TOTAL(success = 1)", int),
+    Sum("streaming", "TOTAL(streaming = 1)", int),
+    Sum("ok_streaming", "TOTAL(success = 1 AND streaming = 1)", int),
+    Sum("input_tokens", "TOTAL(input_tokens)", int),
+    Sum("output_tokens", "TOTAL(output_tokens)", int),
+    Sum("cost_sats", "TOTAL(cost_sats)", float),
+    Sum("costed", "COUNT(cost_sats)", int),
+    Sum("costed_input", "TOTAL(IIF(cost_sats IS NULL, 0, input_tokens))", int),
+    Sum("costed_output", "TOTAL(IIF(cost_sats IS NULL, 0, output_tokens))", int),
+    Sum("latency_sum", "TOTAL(IIF(success = 1, latency_ms, 0))", float),
+    Sum("latency_n", "COUNT(IIF(success = 1, latency_ms, NULL))", int),
+    Sum("ttft_sum", "TOTAL(IIF(success = 1, ttft_ms, 0))", float),
+    Sum("ttft_n", "COUNT(IIF(success = 1, ttft_ms, NULL))", int),
 )
-_SUMS = (
-    "total", "success", "streaming", "ok_streaming", "input_tokens", "output_tokens", "cost_sats", "costed",
-    "costed_input", "costed_output", "latency_sum", "latency_n", "ttft_sum", "ttft_n",
-)
+ROW_SUMS = ", ".join(s.of_rows for s in SUMS)  # the sums over rows of requests, in SUMS order
 BAND_OF_LATENCY = "(SELECT MAX(lo) FROM latency_bands WHERE lo <= latency_ms)"  # schema.sql latency_bands
 # The rows with id > ? folded into the hourly tables. NOT INDEXED: the new rows are the last few ids,
 # whatever an index on success might promise the planner.
 _ROLL_UP = (
-    (f"INSERT INTO requests_hourly SELECT {HOURLY_KEY}, {ROW_SUMS} FROM requests NOT INDEXED WHERE id > ? "
-     "GROUP BY 1, 2, 3, 4 ON CONFLICT DO UPDATE SET " + ", ".join(f"{c} = {c} + excluded.{c}" for c in _SUMS)),
+    (f"INSERT INTO requests_hourly ({', '.join([*KEY_OF_ROW, *(s.column for s in SUMS)])}) "
+     f"SELECT {HOURLY_KEY}, {ROW_SUMS} FROM requests NOT INDEXED WHERE id > ? GROUP BY 1, 2, 3, 4 "
+     "ON CONFLICT DO UPDATE SET " + ", ".join(f"{s.column} = {s.column} + excluded.{s.column}" for s in SUMS)),
     (f"INSERT INTO requests_latency_hourly SELECT {HOURLY_KEY}, {BAND_OF_LATENCY}, COUNT(*) FROM requests "
      f"NOT INDEXED WHERE id > ? AND {TIMED_OK} GROUP BY 1, 2, 3, 4, 5 ON CONFLICT DO UPDATE SET n = n + excluded.n"),
 )

@@ -1,9 +1,9 @@
-"""The request log writer: one background thread owns the only write connection (SPEC §7).
+"""LogStore: the request log's queue and the one thread that owns its write connection (SPEC §7).
 
 Requests never wait for SQLite. ``insert``/``update`` put an operation on a bounded ``queue.Queue``
 and return; when the queue is full the operation is dropped and counted (``/health`` shows it). The
 writer thread drains the queue in batched transactions, each of which also folds its rows into the
-hourly totals (:func:`.logdb.roll_up`). If the database cannot be opened or written it keeps its
+hourly totals (:func:`.db.roll_up`). If the database cannot be opened or written it keeps its
 batch, reports ``db_ok = False`` and retries every ``retry_secs`` while the proxy keeps serving;
 operations wait in the queue up to its bound. ``close()``, also registered with ``atexit``
 (gunicorn worker exit, Ctrl-C), drains the queue before the process exits.
@@ -14,7 +14,7 @@ SQLite connection nor a thread may cross ``fork()``.
 Streams are inserted as ``streaming`` and updated when they end. Each LogStore registers in the
 ``writers`` table and refreshes a heartbeat; ``streaming`` rows whose writer is gone (a previous
 process, a killed worker) become ``interrupted`` at start and on every heartbeat, so workers sharing
-one database never touch each other's live streams. The SQL itself lives in :mod:`.logdb`.
+one database never touch each other's live streams. The SQL itself lives in :mod:`.db`.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
+from ..timefmt import format_utc, utc_timestamp
 from . import db as logdb
-from .db import format_utc, utc_timestamp
 
 log = logging.getLogger("arbstr.logstore")
 
@@ -351,10 +351,7 @@ class LogStore:
                 with self._lock:
                     self._written += sum(op[0] == "insert" for op in data)
         self._ok()
-        for op in ops:
-            if isinstance(op, threading.Event):
-                op.set()
-        ops.clear()
+        _release(ops)
 
     def _one_by_one(self, conn: sqlite3.Connection, ops: list[Any]) -> None:
         """A batch with a bad row: write the others, drop and count the bad ones (retrying cannot fix them)."""
@@ -386,10 +383,15 @@ class LogStore:
         if lost:
             self._drop(lost)
         self._inflight = 0
-        for op in pending:
-            if isinstance(op, threading.Event):
-                op.set()
-        pending.clear()
+        _release(pending)
+
+
+def _release(ops: list[Any]) -> None:
+    """Done with ``ops``: wake the flush() calls waiting on the markers among them, and empty the list."""
+    for op in ops:
+        if isinstance(op, threading.Event):
+            op.set()
+    ops.clear()
 
 
 def _file_id(path: str) -> tuple[int, int] | None:

@@ -1,7 +1,7 @@
 """The arithmetic of /v1/stats on plain values: totals, savings, percentile ranks, time buckets.
 
 Kept apart from the SQL in :mod:`arbstr_core.reads.queries` so the definitions (nearest rank, what savings
-means, which buckets a range has) are stated, and tested, in one place.
+means, which buckets a range has) are stated in one place, whichever source the sums come from.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from ..errors import bad_request
+from ..log.db import SUMS
 
 PERCENTILES = (50, 95, 99)
 NONE_KEY = "(none)"  # group key of rows without a model, provider or policy
@@ -47,47 +48,39 @@ def bucket_starts(since: datetime, until: datetime, group_by: str) -> list[datet
     return [start + i * step for i in range(count)]
 
 
+# The sums savings needs model by model (columns of log/db.py SUMS), in the order Totals.per_model keeps them,
+# and where they stand in a row of SUMS.
+_PER_MODEL = ("costed", "costed_input", "costed_output", "cost_sats")
+_PER_MODEL_AT = tuple([s.column for s in SUMS].index(column) for column in _PER_MODEL)
+_KINDS = tuple((s.column, s.kind) for s in SUMS)
+
+
+def _zeros() -> dict[str, float]:
+    return {column: kind() for column, kind in _KINDS}
+
+
 @dataclass
 class Totals:
-    """Sums over a set of rows; ``add`` takes one row of the SUM columns of either queries.py source."""
+    """Sums over a set of rows: ``sums`` holds log/db.py SUMS by column name, each of its column's type."""
 
     label: str = ""
-    total: int = 0
-    success: int = 0
-    streaming: int = 0
-    ok_streaming: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost_sats: float = 0.0
-    latency_sum: float = 0.0
-    latency_n: int = 0
-    ttft_sum: float = 0.0
-    ttft_n: int = 0
-    # model (case-folded) → [rows with a known cost, their input tokens, their output tokens, their cost]
-    costed: dict[str, list[float]] = field(default_factory=dict)
+    sums: dict[str, float] = field(default_factory=_zeros)
+    # model (case-folded) → its rows' _PER_MODEL sums: rows with a known cost, their input and output tokens, cost
+    per_model: dict[str, list[float]] = field(default_factory=dict)
     # latency band (its lower edge, schema.sql latency_bands) → successful latencies in it
     bands: dict[int, int] = field(default_factory=dict)
     percentiles: list[Any] = field(default_factory=lambda: [None, None, None])
 
-    def add(self, model: str | None, sums: Sequence[Any]) -> None:
-        total, success, streaming, ok_streaming, tin, tout, cost, costed, cin, cout, lat, lat_n, ttft, ttft_n = (
-            0 if v is None else v for v in sums
-        )
-        self.total += int(total)
-        self.success += int(success)
-        self.streaming += int(streaming)
-        self.ok_streaming += int(ok_streaming)
-        self.input_tokens += int(tin)
-        self.output_tokens += int(tout)
-        self.cost_sats += float(cost)
-        self.latency_sum += float(lat)
-        self.latency_n += int(lat_n)
-        self.ttft_sum += float(ttft)
-        self.ttft_n += int(ttft_n)
-        if costed:
-            acc = self.costed.setdefault((model or "").casefold(), [0, 0, 0, 0.0])
-            for i, v in enumerate((costed, cin, cout, cost)):
-                acc[i] += v
+    def add(self, model: str | None, values: Sequence[Any]) -> None:
+        """Add sums over rows of ``model``, in SUMS order: a row of either source in queries.py."""
+        sums = self.sums
+        for (column, kind), v in zip(_KINDS, values, strict=True):
+            if v is not None:
+                sums[column] += kind(v)
+        if values[_PER_MODEL_AT[0]]:  # rows with a known cost
+            acc = self.per_model.setdefault((model or "").casefold(), [0, 0, 0, 0.0])
+            for i, at in enumerate(_PER_MODEL_AT):
+                acc[i] += values[at] or 0
 
     def add_band(self, lo: int, n: int) -> None:
         self.bands[lo] = self.bands.get(lo, 0) + n
@@ -96,42 +89,32 @@ class Totals:
     def merge(cls, parts: Iterable[Totals]) -> Totals:
         out = cls()
         for p in parts:
-            out.total += p.total
-            out.success += p.success
-            out.streaming += p.streaming
-            out.ok_streaming += p.ok_streaming
-            out.input_tokens += p.input_tokens
-            out.output_tokens += p.output_tokens
-            out.cost_sats += p.cost_sats
-            out.latency_sum += p.latency_sum
-            out.latency_n += p.latency_n
-            out.ttft_sum += p.ttft_sum
-            out.ttft_n += p.ttft_n
-            for model, (n, cin, cout, cost) in p.costed.items():
-                acc = out.costed.setdefault(model, [0, 0, 0, 0.0])
-                acc[0] += n
-                acc[1] += cin
-                acc[2] += cout
-                acc[3] += cost
+            for column, v in p.sums.items():
+                out.sums[column] += v
+            for model, sums in p.per_model.items():
+                acc = out.per_model.setdefault(model, [0, 0, 0, 0.0])
+                for i, v in enumerate(sums):
+                    acc[i] += v
             for lo, n in p.bands.items():
                 out.add_band(lo, n)
         return out
 
     def count(self, success: bool | None = None, streaming: bool | None = None) -> int:
         """Rows with the given success/streaming flags (None = either), by inclusion–exclusion."""
+        total, ok_rows, streams, ok_streams = (self.sums[c] for c in ("total", "success", "streaming", "ok_streaming"))
         if success is None:
-            return self.total if streaming is None else self.streaming if streaming else self.total - self.streaming
-        ok = self.success if success else self.total - self.success
+            return total if streaming is None else streams if streaming else total - streams
+        ok = ok_rows if success else total - ok_rows
         if streaming is None:
             return ok
-        both = self.ok_streaming if success else self.streaming - self.ok_streaming  # streams that are (not) ok
+        both = ok_streams if success else streams - ok_streams  # streams that are (not) ok
         return both if streaming else ok - both
 
     def savings(self, rates: Rates) -> float:
         """Per model: what its costed requests would have cost at the provider that charges most for them,
         minus what they cost. Models no configured provider serves any more are left out."""
         saved = 0.0
-        for model, (n, cin, cout, cost) in self.costed.items():
+        for model, (n, cin, cout, cost) in self.per_model.items():
             serving = rates.get(model)
             if serving and n:
                 saved += max((cin * i + cout * o) / 1000 + n * fee for i, o, fee in serving) - cost
@@ -140,24 +123,25 @@ class Totals:
     def document(self, rates: Rates) -> dict[str, Any]:
         """The ``counts``/``costs``/``performance`` part of SPEC §4.7."""
         p50, p95, p99 = self.percentiles
+        s = self.sums
         return {
             "counts": {
-                "total": self.total,
-                "success": self.success,
-                "error": self.total - self.success,
-                "streaming": self.streaming,
+                "total": s["total"],
+                "success": s["success"],
+                "error": s["total"] - s["success"],
+                "streaming": s["streaming"],
             },
             "costs": {
-                "total_cost_sats": float(self.cost_sats),
-                "total_input_tokens": self.input_tokens,
-                "total_output_tokens": self.output_tokens,
+                "total_cost_sats": float(s["cost_sats"]),
+                "total_input_tokens": s["input_tokens"],
+                "total_output_tokens": s["output_tokens"],
                 "savings_sats": float(self.savings(rates)),
             },
             "performance": {
-                "avg_latency_ms": self.latency_sum / self.latency_n if self.latency_n else None,
+                "avg_latency_ms": s["latency_sum"] / s["latency_n"] if s["latency_n"] else None,
                 "p50_latency_ms": p50,
                 "p95_latency_ms": p95,
                 "p99_latency_ms": p99,
-                "avg_ttft_ms": self.ttft_sum / self.ttft_n if self.ttft_n else None,
+                "avg_ttft_ms": s["ttft_sum"] / s["ttft_n"] if s["ttft_n"] else None,
             },
         }

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ..errors import bad_request
-from ..log.db import format_utc
+from ..timefmt import format_utc
 
 RANGES = {
     "last_1h": timedelta(hours=1),
@@ -26,6 +26,8 @@ GROUP_BY = ("model", "provider", "policy", "hour", "day")
 SORTS = ("timestamp", "cost_sats", "latency_ms")
 ORDERS = ("asc", "desc")
 MAX_PER_PAGE = 100
+
+Where = tuple[str, list[Any]]  # an SQL condition over requests, and its parameters
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,8 @@ class Filters:
     success: bool | None = None
     streaming: bool | None = None
 
-    def where(self, since: datetime | None = None, until: datetime | None = None) -> tuple[str, list[Any]]:
+    def where(self, since: datetime | None = None, until: datetime | None = None) -> Where:
+        """The filters over ``[since, until)`` (by default the filters' own range)."""
         clauses = ["timestamp >= ?", "timestamp < ?"]
         params: list[Any] = [format_utc(since or self.since), format_utc(until or self.until)]
         for col in ("model", "provider", "policy"):

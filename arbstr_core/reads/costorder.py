@@ -13,7 +13,7 @@ import sqlite3
 from collections.abc import Sequence
 from itertools import islice
 
-from ..log.db import Where
+from .args import Where
 
 
 def page_ids(

@@ -21,8 +21,9 @@ import sqlite3
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..log.db import TIMED_OK, TIMED_OK_UNINDEXED, Where
+from ..log.db import TIMED_OK, TIMED_OK_UNINDEXED
 from .aggregate import PERCENTILES, percentile_ranks
+from .args import Where
 
 
 def by_sorting(conn: sqlite3.Connection, where: Where) -> list[Any]:

@@ -1,4 +1,4 @@
-"""Read side of the request log: /v1/stats and /v1/requests (SPEC §4.7, §4.8); parameters: :mod:`.queryargs`.
+"""The SQL reads of the request log behind /v1/stats and /v1/requests (SPEC §4.7, §4.8); parameters: :mod:`.args`.
 
 Each call opens its own short-lived connection (never the writer's) and reads in one transaction, so
 counts, sums and percentiles describe the same snapshot; in WAL mode that never blocks the writer.
@@ -30,10 +30,11 @@ from urllib.parse import quote
 
 from ..config import Provider
 from ..errors import ArbstrError
-from ..log.db import BAND_OF_LATENCY, ROW_SUMS, TIMED_OK_UNINDEXED, Where, expected_version, format_utc
+from ..log.db import BAND_OF_LATENCY, COLUMNS, KEY_OF_ROW, ROW_SUMS, SUMS, TIMED_OK_UNINDEXED, expected_version
+from ..timefmt import format_utc
 from . import costorder, percentiles
 from .aggregate import NONE_KEY, PERCENTILES, Totals, bucket_starts, group_key
-from .args import Filters, parse_list_args, parse_stats_args
+from .args import Filters, Where, parse_list_args, parse_stats_args
 
 # Percentiles of at most SMALL_SET latencies, or of 1/SORT_SHARE of the table, are sorted in Python
 # (about 1 µs a row): cheaper than a walk through the table's rows in a latency band (about a tenth of
@@ -45,23 +46,16 @@ SORT_SHARE = 100
 MERGE_SHARE = 20
 READER_MMAP_BYTES = 1 << 30  # readers map the file: no copy per page, and the OS cache is shared
 
-_ROW_COLUMNS = (
-    "request_id, timestamp, model, provider, policy, streaming, status, success, http_status, input_tokens, "
-    "output_tokens, cost_sats, latency_ms, ttft_ms, stream_duration_ms, retries, error_type, error_message"
-)
-_ROLLUP_SUMS = (
-    "SUM(total), SUM(success), SUM(streaming), SUM(ok_streaming), SUM(input_tokens), SUM(output_tokens), SUM(cost_sats), "
-    "SUM(costed), SUM(costed_input), SUM(costed_output), SUM(latency_sum), SUM(latency_n), SUM(ttft_sum), SUM(ttft_n)"
-)
+# The columns a row of /v1/requests shows: all the web layer writes but client_retry_count.
+_ROW_NAMES = tuple(c for c in COLUMNS if c != "client_retry_count")
+_ROW_COLUMNS = ", ".join(_ROW_NAMES)
+_ROLLUP_SUMS = ", ".join(f"SUM({s.column})" for s in SUMS)  # over requests_hourly, in SUMS order like ROW_SUMS
 # Rows in the table, estimated from the rowids in O(log n) (retention deletes the oldest rows first).
 _TABLE_ROWS = "SELECT COALESCE((SELECT MAX(id) FROM requests) - (SELECT MIN(id) FROM requests) + 1, 0)"
 # group_by → (key over requests_hourly, key over requests)
 _GROUP_SQL = {
     None: ("''", "''"),
-    "model": ("model", "COALESCE(model, '') COLLATE NOCASE"),
-    "provider": ("provider", "COALESCE(provider, '') COLLATE NOCASE"),
-    "policy": ("policy", "COALESCE(policy, '') COLLATE NOCASE"),
-    "hour": ("hour", "substr(timestamp, 1, 13)"),
+    **{column: (column, of_row) for column, of_row in KEY_OF_ROW.items()},
     "day": ("substr(hour, 1, 10)", "substr(timestamp, 1, 10)"),
 }
 
@@ -122,7 +116,7 @@ _FROM_ROLLUP = (
     ("SELECT {key}, band, SUM(n) FROM requests_latency_hourly WHERE {cond} GROUP BY 1, 2", _add_band),
 )
 _FROM_ROWS = (
-    (f"SELECT {{key}}, COALESCE(model, '') COLLATE NOCASE, {ROW_SUMS} FROM {{source}} WHERE {{cond}} GROUP BY 1, 2",
+    (f"SELECT {{key}}, {KEY_OF_ROW['model']}, {ROW_SUMS} FROM {{source}} WHERE {{cond}} GROUP BY 1, 2",
      _add_sums),
     (f"SELECT {{key}}, {BAND_OF_LATENCY}, COUNT(*) FROM {{source}} WHERE {{cond}} AND {TIMED_OK_UNINDEXED} GROUP BY 1, 2", _add_band),
 )
@@ -169,9 +163,10 @@ def _split(conn: sqlite3.Connection, f: Filters) -> tuple[Where | None, list[tup
 
 def _percentiles(conn: sqlite3.Connection, where: Where, t: Totals, table_rows: int) -> list[Any]:
     """Nearest-rank p50/p95/p99 of the successful latencies matching ``where``, which ``t`` totals."""
-    if t.latency_n <= 0:
+    n = t.sums["latency_n"]
+    if n <= 0:
         return [None] * len(PERCENTILES)
-    if t.latency_n <= max(SMALL_SET, table_rows // SORT_SHARE):
+    if n <= max(SMALL_SET, table_rows // SORT_SHARE):
         return percentiles.by_sorting(conn, where)
     return percentiles.in_bands(conn, where, t.bands)
 
@@ -179,8 +174,9 @@ def _percentiles(conn: sqlite3.Connection, where: Where, t: Totals, table_rows: 
 def _bucket_percentiles(conn: sqlite3.Connection, f: Filters, group_by: str, t: Totals, table_rows: int) -> list[Any]:
     """A group's percentiles; an hour walks its own rows in the hourly latency index."""
     where = _group_where(f, group_by, t.label)
-    if group_by == "hour" and t.latency_n > 0:
-        return percentiles.in_hour(conn, t.label, where, t.latency_n)
+    n = t.sums["latency_n"]
+    if group_by == "hour" and n > 0:
+        return percentiles.in_hour(conn, t.label, where, n)
     return _percentiles(conn, where, t, table_rows)
 
 
@@ -239,14 +235,20 @@ def _rates(providers: Sequence[Provider]) -> dict[str, list[tuple[float, float, 
 # ---- listing -----------------------------------------------------------------------------------
 
 
-def _row(r: sqlite3.Row | Sequence[Any]) -> dict[str, Any]:
-    error = {"type": r[16], "message": r[17]} if r[16] is not None or r[17] is not None else None
+def _row(values: Sequence[Any]) -> dict[str, Any]:
+    """A row of /v1/requests from the _ROW_COLUMNS of requests (anything selected after them is ignored)."""
+    r = dict(zip(_ROW_NAMES, values))
+    error_type, message = r["error_type"], r["error_message"]
     return {
-        "request_id": r[0], "timestamp": r[1], "model": r[2], "provider": r[3], "policy": r[4],
-        "streaming": bool(r[5]), "status": r[6], "success": bool(r[7]), "http_status": r[8],
-        "tokens": {"input": r[9], "output": r[10]}, "cost_sats": r[11],
-        "timing": {"latency_ms": r[12], "ttft_ms": r[13], "stream_duration_ms": r[14]},
-        "retries": r[15], "error": error,
+        "request_id": r["request_id"], "timestamp": r["timestamp"], "model": r["model"], "provider": r["provider"],
+        "policy": r["policy"], "streaming": bool(r["streaming"]), "status": r["status"], "success": bool(r["success"]),
+        "http_status": r["http_status"], "tokens": {"input": r["input_tokens"], "output": r["output_tokens"]},
+        "cost_sats": r["cost_sats"],
+        "timing": {
+            "latency_ms": r["latency_ms"], "ttft_ms": r["ttft_ms"], "stream_duration_ms": r["stream_duration_ms"],
+        },
+        "retries": r["retries"],
+        "error": {"type": error_type, "message": message} if error_type is not None or message is not None else None,
     }
 
 

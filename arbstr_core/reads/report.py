@@ -1,7 +1,7 @@
-"""``arbstr stats`` and ``arbstr requests``: the HTTP API's data read straight from the database (SPEC §8).
+"""The ``arbstr stats`` and ``arbstr requests`` tables: the HTTP API's documents, read from the database (SPEC §8).
 
-Formatting is pure (``format_*`` take the API documents and return text) so it is tested without a
-database; ``run_*`` do the I/O and return the process exit code.
+Formatting is pure (``format_*`` take the API documents and return text); ``run_*`` read the documents
+through :mod:`.queries`, as the API does, and return the process exit code.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any, TextIO
 
 from ..config import Config
 from ..errors import ArbstrError
-from . import args as queryargs
 from . import queries
+from .args import MAX_PER_PAGE
 
 _EVERYTHING = "1970-01-01T00:00:00Z"  # `arbstr requests` shows the latest rows, however old
 
@@ -123,7 +123,7 @@ def run_requests(cfg: Config, limit: int = 20, as_json: bool = False, out: TextI
         while len(rows) < limit:  # the API serves at most 100 a page; --limit may ask for more
             doc = queries.list_requests(
                 cfg.database.path,
-                {"since": _EVERYTHING, "page": str(page), "per_page": str(queryargs.MAX_PER_PAGE)},
+                {"since": _EVERYTHING, "page": str(page), "per_page": str(MAX_PER_PAGE)},
             )
             rows.extend(doc["data"][: limit - len(rows)])
             total = doc["total"]

@@ -8,8 +8,7 @@ still be failed over (SPEC §5.2).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -17,23 +16,13 @@ import requests
 from ..config import Provider
 from ..errors import ArbstrError
 from . import failures
-from .failures import Verdict
-from .retry import AttemptResult
+from .failures import AttemptResult, Verdict
+from .relay import OpenStream
 from .sse import EventSplitter, event_data, parse_json
 from .upstream import Cutoff, Upstream, UpstreamError, finish, read_body, read_chunks, set_read_timeout
 
 ERROR_BODY_LIMIT = 64 * 1024
 STREAM_ERROR = Verdict("stream_error", retry_same=False, fallback=True, breaker=failures.FAILURE)
-
-
-@dataclass
-class OpenStream:
-    """A 2xx stream whose first data event has been read (and is held in ``first``)."""
-
-    response: requests.Response
-    chunks: Iterator[bytes]
-    splitter: EventSplitter
-    first: list[bytes]
 
 
 class Caller:

@@ -16,8 +16,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
+from ..timefmt import utc_timestamp
 from .failures import FAILURE, SUCCESS
 
 log = logging.getLogger("arbstr.breaker")
@@ -125,12 +125,7 @@ class BreakerRegistry:
         with self._lock:
             out = {}
             for name, c in self._circuits.items():
-                opened = (
-                    datetime.fromtimestamp(c.opened_wall, UTC).isoformat(timespec="milliseconds")
-                    .replace("+00:00", "Z")
-                    if c.opened_wall is not None
-                    else None
-                )
+                opened = utc_timestamp(c.opened_wall) if c.opened_wall is not None else None
                 out[name] = {
                     "state": self._state(c),
                     "failure_count": c.failures,

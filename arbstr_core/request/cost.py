@@ -9,7 +9,7 @@ import math
 from typing import Any
 
 from ..config import Provider
-from .routing import message_text
+from .body import message_text
 
 DEFAULT_OUTPUT_ESTIMATE = 256
 MAX_TOKENS = 2**53  # above this a count is no real usage (and no longer exact as a float): unknown

@@ -7,7 +7,9 @@ sending), the same provider is never asked again, because a paid token may alrea
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 SUCCESS, FAILURE, NEUTRAL = "success", "failure", "neutral"
 
@@ -65,3 +67,17 @@ def parse_retry_after(value: str | None) -> float | None:
         return None
     # "inf" and "nan" parse as floats; an infinite wait is no wait we can honour (or round).
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+@dataclass
+class AttemptResult:
+    """One upstream call's outcome. ``payload`` is what the attempt function hands back: on success a
+    parsed body or an open stream, on a client fault the ArbstrError to return. ``close`` releases
+    whatever is still open if nobody will use it."""
+
+    verdict: Verdict
+    status: int | None = None
+    message: str = ""
+    retry_after: float | None = None
+    payload: Any = None
+    close: Callable[[], None] = lambda: None

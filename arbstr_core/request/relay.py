@@ -13,18 +13,30 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..secrets import scrub_bytes
 from . import sse
-from .attempt import OpenStream
 from .upstream import UpstreamError
+
+if TYPE_CHECKING:
+    import requests
 
 log = logging.getLogger("arbstr.relay")
 
 COMPLETE, INTERRUPTED, CLIENT_DISCONNECTED = "complete", "interrupted", "client_disconnected"
 # A chunk that finishes a choice ("finish_reason": "stop"); most chunks carry "finish_reason": null.
 _FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
+
+
+@dataclass
+class OpenStream:
+    """A 2xx stream whose first data event has been read (and is held in ``first``)."""
+
+    response: requests.Response
+    chunks: Iterator[bytes]
+    splitter: sse.EventSplitter
+    first: list[bytes]
 
 
 @dataclass

@@ -14,30 +14,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from ..config import Provider, RetryConfig
 from ..errors import ArbstrError
 from .breaker import BreakerRegistry, Permit
-from .failures import CLIENT_FAULT, MODEL_NOT_FOUND, OK, Verdict
+from .failures import MODEL_NOT_FOUND, OK, AttemptResult
 
 MAX_CLIENT_RETRY_AFTER = 60
 # No new attempt with less time left: no provider answers that fast, but it may still charge for it.
 MIN_ATTEMPT_SECS = 0.1
-
-
-@dataclass
-class AttemptResult:
-    """One upstream call's outcome. ``payload`` is what the attempt function hands back: on success a
-    parsed body or an open stream, on a client fault the ArbstrError to return. ``close`` releases
-    whatever is still open if nobody will use it."""
-
-    verdict: Verdict
-    status: int | None = None
-    message: str = ""
-    retry_after: float | None = None
-    payload: Any = None
-    close: Callable[[], None] = lambda: None
 
 
 class Attempts:
@@ -88,7 +73,8 @@ class Attempts:
 
 @dataclass
 class Outcome:
-    """What the chain produced: a success (provider, permit, result) or an error to answer with."""
+    """What the chain produced: a success (provider, result, and the permit when the caller holds it)
+    or an error to answer with."""
 
     attempts: Attempts
     provider: Provider | None = None
@@ -118,6 +104,7 @@ def run_chain(
     cancel: threading.Event,
     deadline: float | None = None,
     attempts: Attempts | None = None,
+    hold: bool = False,
     clock: Callable[[], float] = time.monotonic,
     rand: Callable[[], float] = random.random,
 ) -> Outcome:
@@ -128,6 +115,9 @@ def run_chain(
     off by it (or failed anyway) is recorded as the failure it is, so a provider that hangs until the
     deadline trips its breaker (SPEC §5.2); one that answered too late releases its permit unrecorded.
     ``attempts``, if given, is filled in as the chain goes, for a caller that stops waiting for it.
+
+    Every breaker permit is resolved here, in one ``finally`` per attempt, except a success's when
+    ``hold`` is set: a stream's outcome is known only at its end, so its caller resolves that one.
     """
     attempts = Attempts() if attempts is None else attempts
     last: tuple[Provider, AttemptResult] | None = None
@@ -148,22 +138,21 @@ def run_chain(
             if permit is None:
                 break  # circuit opened (or its probe is taken) since the candidates were chosen
             attempts.start(provider.name)
+            result: AttemptResult | None = None
+            used = handed_over = False
             try:
                 result = attempt(provider, left)
-            except BaseException:
-                breakers.release(permit)
-                raise
-            if cancel.is_set():
-                result.close()
-                if result.verdict is OK:
-                    breakers.release(permit)  # answered, but too late to be used: no outcome
-                else:
-                    breakers.record(permit, result.verdict.breaker, f"{result.verdict.kind}: {result.message}"[:300])
-                raise Abandoned
+                if cancel.is_set():
+                    result.close()
+                    raise Abandoned
+                used = True
+                handed_over = hold and result.verdict is OK
+            finally:
+                if not handed_over:
+                    _resolve(breakers, permit, result, used)
             reached_any = True
             if result.verdict is OK:
-                return Outcome(attempts, provider=provider, permit=permit, result=result)
-            breakers.record(permit, result.verdict.breaker, f"{result.verdict.kind}: {result.message}"[:300])
+                return Outcome(attempts, provider=provider, permit=permit if hold else None, result=result)
             attempts.add(provider.name)
             last = (provider, result)
             if result.verdict.kind == "rate_limited":
@@ -172,7 +161,7 @@ def run_chain(
                 all_rate_limited = False
             if result.verdict is not MODEL_NOT_FOUND:
                 all_not_found = False
-            if result.verdict is CLIENT_FAULT:
+            if not result.verdict.fallback:
                 # The request's own fault: the attempt function shaped the upstream error for the client.
                 return Outcome(attempts, provider=provider, error=result.payload)
             if not result.verdict.retry_same or n == tries - 1:
@@ -207,6 +196,15 @@ def run_chain(
         f"{result.verdict.kind}{f' HTTP {result.status}' if result.status else ''} {result.message}".rstrip(),
         type="upstream_error", code="upstream_failed",
     ))
+
+
+def _resolve(breakers: BreakerRegistry, permit: Permit, result: AttemptResult | None, used: bool) -> None:
+    """Tell the breaker what the attempt showed. Nothing is learnt from an attempt that raised, or that
+    answered after the request stopped waiting; one cut off by the deadline failed (SPEC §5.2)."""
+    if result is None or (result.verdict is OK and not used):
+        breakers.release(permit)
+    else:
+        breakers.record(permit, result.verdict.breaker, f"{result.verdict.kind}: {result.message}"[:300])
 
 
 def deadline_error() -> ArbstrError:

@@ -11,24 +11,7 @@ from typing import Any
 
 from ..config import PolicyRule, Provider
 from ..errors import ArbstrError, bad_request
-
-
-def message_text(content: Any) -> str:
-    """The text of one message's content: a string, or the text parts of an array."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(
-            part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)
-        )
-    return ""
-
-
-def last_user_text(messages: Sequence[Any]) -> str:
-    for message in reversed(messages):
-        if isinstance(message, dict) and message.get("role") == "user":
-            return message_text(message.get("content"))
-    return ""
+from .body import last_user_text
 
 
 def match_policy(rules: Sequence[PolicyRule], header: str | None, messages: Sequence[Any]) -> PolicyRule | None:

@@ -4,53 +4,16 @@ from __future__ import annotations
 
 import itertools
 import threading
-import time
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..config import Config
 from ..log.writer import LogStore
-from ..secrets import Secret
+from ..secrets import Scrubber
 from .breaker import BreakerRegistry
 from .latency import LatencyWindow
+from .limits import TokenBucket
 from .upstream import Upstream
-
-
-class Scrubber:
-    """Replaces every configured secret in a text. Used on anything that echoes upstream words."""
-
-    def __init__(self, secrets: Iterable[Secret]) -> None:
-        # Longest first, so a key that contains another key is never left half visible.
-        self._secrets = sorted(secrets, key=len, reverse=True)
-
-    def __call__(self, text: str) -> str:
-        for secret in self._secrets:
-            text = secret.scrub(text)
-        return text
-
-
-class TokenBucket:
-    """`rate_limit_rps` as a token bucket holding one second of burst."""
-
-    def __init__(self, rate: float, clock=time.monotonic) -> None:
-        self._rate = rate
-        self._capacity = max(rate, 1.0)
-        self._tokens = self._capacity
-        self._clock = clock
-        self._stamp = clock()
-        self._lock = threading.Lock()
-
-    def take(self) -> float:
-        """0 when a token was taken, else the seconds until one will be there."""
-        with self._lock:
-            now = self._clock()
-            self._tokens = min(self._capacity, self._tokens + (now - self._stamp) * self._rate)
-            self._stamp = now
-            if self._tokens >= 1:
-                self._tokens -= 1
-                return 0.0
-            return (1 - self._tokens) / self._rate
 
 
 @dataclass

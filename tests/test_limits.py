@@ -1,4 +1,4 @@
-"""Shared per-app helpers: the secret Scrubber and the rate-limit TokenBucket (injected clock)."""
+"""The rate-limit TokenBucket (injected clock)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import threading
 
 import pytest
 
-from arbstr_core.request.state import Scrubber, TokenBucket
-from arbstr_core.secrets import REDACTED, Secret
+from arbstr_core.request.limits import TokenBucket
 
 
 class Clock:
@@ -16,33 +15,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-# --- Scrubber ---------------------------------------------------------------------------------
-
-
-def test_scrubber_replaces_every_configured_secret() -> None:
-    keys = ["cashuAalpha0123456789", "sk-beta-abcdefghijkl", "auth-token-xyz"]
-    scrub = Scrubber(Secret(k) for k in keys)
-    text = f"invalid key {keys[0]} (also tried {keys[1]}); token {keys[2]} and {keys[0]} again"
-    out = scrub(text)
-    assert all(k not in out for k in keys)
-    assert out == f"invalid key {REDACTED} (also tried {REDACTED}); token {REDACTED} and {REDACTED} again"
-
-
-def test_scrubber_without_secrets_is_identity() -> None:
-    assert Scrubber([])("nothing to hide") == "nothing to hide"
-
-
-def test_scrubber_leaves_unrelated_text_alone() -> None:
-    assert Scrubber([Secret("cashuAalpha0123456789")])("model not found") == "model not found"
-
-
-def test_scrubber_handles_a_key_containing_another() -> None:
-    long_key, short_key = "prefix-0123456789-suffix", "0123456789"
-    for order in ([long_key, short_key], [short_key, long_key]):
-        out = Scrubber(Secret(k) for k in order)(f"a {long_key} b {short_key}")
-        assert long_key not in out and short_key not in out
 
 
 # --- TokenBucket ------------------------------------------------------------------------------
