@@ -4,7 +4,8 @@
 -- records the schema version in PRAGMA user_version. To change the schema later: edit this file so a
 -- fresh database gets the new shape, add the statements that bring an existing database from version
 -- N-1 to N under key N in arbstr_core/log/db.py MIGRATIONS (they run before this file), and bump the version below.
--- A database whose user_version is newer than this file is left alone.
+-- A migration ends with the hourly totals recomputed from every row, all in one transaction. A database
+-- whose user_version is newer than this file is left alone.
 --
 -- What the writer pays for, per row, into a log of a million rows: an index whose key order is not
 -- time order dirties a page in a random place, about one 4 KiB WAL frame per row each; an index that
@@ -37,7 +38,14 @@ CREATE TABLE IF NOT EXISTS requests (
     error_type         TEXT,
     error_message      TEXT,
     client_retry_count INTEGER,                      -- x-stainless-retry-count sent by the client
-    writer             TEXT                          -- token of the LogStore that inserted the row (not in the API)
+    writer             TEXT,                         -- token of the LogStore that inserted the row (not in the API)
+    -- Version 3 (after writer: ALTER TABLE appends, so a new and a migrated database have one column order).
+    -- Rows written before version 3 have NULL in all five: their reported cost and savings are unknown.
+    cached_tokens      INTEGER,                      -- usage.prompt_tokens_details.cached_tokens, part of input_tokens
+    reasoning_tokens   INTEGER,                      -- usage.completion_tokens_details.reasoning_tokens, part of output_tokens
+    cost_source        TEXT,                         -- cost_sats is: 'provider' (what it said it charged), 'rates'; NULL: unknown
+    rates_cost_sats    REAL,                         -- the rates formula for the usage (SPEC §2.3), whatever cost_source says
+    max_cost_sats      REAL                          -- the rates formula at the dearest provider that could have served it
 );
 
 -- Filters and sorts of /v1/stats and /v1/requests. SQLite appends the rowid (id) to every index,
@@ -68,7 +76,7 @@ CREATE INDEX IF NOT EXISTS idx_requests_streaming_status ON requests (writer) WH
 -- transaction (log/db.py roll_up): one GROUP BY per batch costs the writer far less than a trigger per
 -- insert (which also made SQLite keep a statement journal for every row). Updates and deletes of rows
 -- already folded in are applied by the triggers below, in the same transaction. NULL model, provider
--- and policy are stored as ''. Sums of tokens for savings only count rows with a known cost.
+-- and policy are stored as ''.
 CREATE TABLE IF NOT EXISTS rollup_state (
     one  INTEGER PRIMARY KEY CHECK (one = 1),
     upto INTEGER NOT NULL                            -- rows with id <= upto are in the hourly tables
@@ -79,25 +87,30 @@ INSERT OR IGNORE INTO rollup_state (one, upto) VALUES (1, 0);
 -- readers follow; the triggers below spell them again, row by row and by position, and
 -- tests/test_logstore.py checks that they agree.
 CREATE TABLE IF NOT EXISTS requests_hourly (
-    hour          TEXT    NOT NULL,                  -- substr(timestamp, 1, 13): '2026-05-01T13'
-    model         TEXT    NOT NULL COLLATE NOCASE,
-    provider      TEXT    NOT NULL COLLATE NOCASE,
-    policy        TEXT    NOT NULL COLLATE NOCASE,
-    total         INTEGER NOT NULL,
-    success       INTEGER NOT NULL,
-    streaming     INTEGER NOT NULL,
-    ok_streaming  INTEGER NOT NULL,                  -- successful streams: with the two above, every
+    hour               TEXT    NOT NULL,             -- substr(timestamp, 1, 13): '2026-05-01T13'
+    model              TEXT    NOT NULL COLLATE NOCASE,
+    provider           TEXT    NOT NULL COLLATE NOCASE,
+    policy             TEXT    NOT NULL COLLATE NOCASE,
+    total              INTEGER NOT NULL,
+    success            INTEGER NOT NULL,
+    streaming          INTEGER NOT NULL,
+    ok_streaming       INTEGER NOT NULL,             -- successful streams: with the two above, every
                                                      -- success/streaming combination is a difference
-    input_tokens  INTEGER NOT NULL,
-    output_tokens INTEGER NOT NULL,
-    cost_sats     REAL    NOT NULL,                  -- sum of known costs
-    costed        INTEGER NOT NULL,                  -- rows with a known cost
-    costed_input  INTEGER NOT NULL,                  -- their input tokens
-    costed_output INTEGER NOT NULL,                  -- their output tokens
-    latency_sum   REAL    NOT NULL,                  -- successful rows with a latency
-    latency_n     INTEGER NOT NULL,
-    ttft_sum      REAL    NOT NULL,                  -- successful rows with a ttft
-    ttft_n        INTEGER NOT NULL,
+    input_tokens       INTEGER NOT NULL,
+    output_tokens      INTEGER NOT NULL,
+    cached_tokens      INTEGER NOT NULL,
+    reasoning_tokens   INTEGER NOT NULL,
+    cost_sats          REAL    NOT NULL,             -- sum of known costs
+    costed             INTEGER NOT NULL,             -- rows with a known cost
+    reported_cost_sats REAL    NOT NULL,             -- sum of the costs the providers reported (cost_source 'provider')
+    rates_cost_sats    REAL    NOT NULL,             -- sum of the rates formula's costs
+    rates_n            INTEGER NOT NULL,             -- rows with one
+    savings_sats       REAL    NOT NULL,             -- sum of MAX(max_cost_sats - cost_sats, 0), rows with both known
+    savings_n          INTEGER NOT NULL,             -- rows with both known
+    latency_sum        REAL    NOT NULL,             -- successful rows with a latency
+    latency_n          INTEGER NOT NULL,
+    ttft_sum           REAL    NOT NULL,             -- successful rows with a ttft
+    ttft_n             INTEGER NOT NULL,
     PRIMARY KEY (hour, model, provider, policy)
 ) WITHOUT ROWID;
 
@@ -128,20 +141,27 @@ WHEN OLD.id <= (SELECT upto FROM rollup_state) BEGIN
         substr(OLD.timestamp, 1, 13), COALESCE(OLD.model, ''), COALESCE(OLD.provider, ''),
         COALESCE(OLD.policy, ''), -1, -(OLD.success = 1), -(OLD.streaming = 1),
         -(OLD.success = 1 AND OLD.streaming = 1),
-        -COALESCE(OLD.input_tokens, 0), -COALESCE(OLD.output_tokens, 0), -COALESCE(OLD.cost_sats, 0),
-        -(OLD.cost_sats IS NOT NULL), -IIF(OLD.cost_sats IS NULL, 0, COALESCE(OLD.input_tokens, 0)),
-        -IIF(OLD.cost_sats IS NULL, 0, COALESCE(OLD.output_tokens, 0)),
+        -COALESCE(OLD.input_tokens, 0), -COALESCE(OLD.output_tokens, 0),
+        -COALESCE(OLD.cached_tokens, 0), -COALESCE(OLD.reasoning_tokens, 0),
+        -COALESCE(OLD.cost_sats, 0), -(OLD.cost_sats IS NOT NULL),
+        -IIF(OLD.cost_source = 'provider', COALESCE(OLD.cost_sats, 0), 0),
+        -COALESCE(OLD.rates_cost_sats, 0), -(OLD.rates_cost_sats IS NOT NULL),
+        -COALESCE(MAX(OLD.max_cost_sats - OLD.cost_sats, 0), 0),
+        -(OLD.max_cost_sats IS NOT NULL AND OLD.cost_sats IS NOT NULL),
         -IIF(OLD.success = 1, COALESCE(OLD.latency_ms, 0), 0), -(OLD.success = 1 AND OLD.latency_ms IS NOT NULL),
         -IIF(OLD.success = 1, COALESCE(OLD.ttft_ms, 0), 0), -(OLD.success = 1 AND OLD.ttft_ms IS NOT NULL))
     ON CONFLICT DO UPDATE SET
         total = total + excluded.total, success = success + excluded.success,
         streaming = streaming + excluded.streaming, ok_streaming = ok_streaming + excluded.ok_streaming,
-        input_tokens = input_tokens + excluded.input_tokens,
-        output_tokens = output_tokens + excluded.output_tokens, cost_sats = cost_sats + excluded.cost_sats,
-        costed = costed + excluded.costed, costed_input = costed_input + excluded.costed_input,
-        costed_output = costed_output + excluded.costed_output, latency_sum = latency_sum + excluded.latency_sum,
-        latency_n = latency_n + excluded.latency_n, ttft_sum = ttft_sum + excluded.ttft_sum,
-        ttft_n = ttft_n + excluded.ttft_n;
+        input_tokens = input_tokens + excluded.input_tokens, output_tokens = output_tokens + excluded.output_tokens,
+        cached_tokens = cached_tokens + excluded.cached_tokens,
+        reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens,
+        cost_sats = cost_sats + excluded.cost_sats, costed = costed + excluded.costed,
+        reported_cost_sats = reported_cost_sats + excluded.reported_cost_sats,
+        rates_cost_sats = rates_cost_sats + excluded.rates_cost_sats, rates_n = rates_n + excluded.rates_n,
+        savings_sats = savings_sats + excluded.savings_sats, savings_n = savings_n + excluded.savings_n,
+        latency_sum = latency_sum + excluded.latency_sum, latency_n = latency_n + excluded.latency_n,
+        ttft_sum = ttft_sum + excluded.ttft_sum, ttft_n = ttft_n + excluded.ttft_n;
     DELETE FROM requests_hourly WHERE total = 0 AND hour = substr(OLD.timestamp, 1, 13)
         AND model = COALESCE(OLD.model, '') AND provider = COALESCE(OLD.provider, '')
         AND policy = COALESCE(OLD.policy, '');
@@ -157,44 +177,59 @@ WHEN OLD.id <= (SELECT upto FROM rollup_state) BEGIN
 END;
 
 CREATE TRIGGER IF NOT EXISTS requests_hourly_update AFTER UPDATE OF
-    timestamp, model, provider, policy, streaming, success, input_tokens, output_tokens, cost_sats, latency_ms, ttft_ms
+    timestamp, model, provider, policy, streaming, success, input_tokens, output_tokens, cached_tokens,
+    reasoning_tokens, cost_sats, cost_source, rates_cost_sats, max_cost_sats, latency_ms, ttft_ms
 ON requests WHEN OLD.id <= (SELECT upto FROM rollup_state) BEGIN
     INSERT INTO requests_hourly VALUES (
         substr(OLD.timestamp, 1, 13), COALESCE(OLD.model, ''), COALESCE(OLD.provider, ''),
         COALESCE(OLD.policy, ''), -1, -(OLD.success = 1), -(OLD.streaming = 1),
         -(OLD.success = 1 AND OLD.streaming = 1),
-        -COALESCE(OLD.input_tokens, 0), -COALESCE(OLD.output_tokens, 0), -COALESCE(OLD.cost_sats, 0),
-        -(OLD.cost_sats IS NOT NULL), -IIF(OLD.cost_sats IS NULL, 0, COALESCE(OLD.input_tokens, 0)),
-        -IIF(OLD.cost_sats IS NULL, 0, COALESCE(OLD.output_tokens, 0)),
+        -COALESCE(OLD.input_tokens, 0), -COALESCE(OLD.output_tokens, 0),
+        -COALESCE(OLD.cached_tokens, 0), -COALESCE(OLD.reasoning_tokens, 0),
+        -COALESCE(OLD.cost_sats, 0), -(OLD.cost_sats IS NOT NULL),
+        -IIF(OLD.cost_source = 'provider', COALESCE(OLD.cost_sats, 0), 0),
+        -COALESCE(OLD.rates_cost_sats, 0), -(OLD.rates_cost_sats IS NOT NULL),
+        -COALESCE(MAX(OLD.max_cost_sats - OLD.cost_sats, 0), 0),
+        -(OLD.max_cost_sats IS NOT NULL AND OLD.cost_sats IS NOT NULL),
         -IIF(OLD.success = 1, COALESCE(OLD.latency_ms, 0), 0), -(OLD.success = 1 AND OLD.latency_ms IS NOT NULL),
         -IIF(OLD.success = 1, COALESCE(OLD.ttft_ms, 0), 0), -(OLD.success = 1 AND OLD.ttft_ms IS NOT NULL))
     ON CONFLICT DO UPDATE SET
         total = total + excluded.total, success = success + excluded.success,
         streaming = streaming + excluded.streaming, ok_streaming = ok_streaming + excluded.ok_streaming,
-        input_tokens = input_tokens + excluded.input_tokens,
-        output_tokens = output_tokens + excluded.output_tokens, cost_sats = cost_sats + excluded.cost_sats,
-        costed = costed + excluded.costed, costed_input = costed_input + excluded.costed_input,
-        costed_output = costed_output + excluded.costed_output, latency_sum = latency_sum + excluded.latency_sum,
-        latency_n = latency_n + excluded.latency_n, ttft_sum = ttft_sum + excluded.ttft_sum,
-        ttft_n = ttft_n + excluded.ttft_n;
+        input_tokens = input_tokens + excluded.input_tokens, output_tokens = output_tokens + excluded.output_tokens,
+        cached_tokens = cached_tokens + excluded.cached_tokens,
+        reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens,
+        cost_sats = cost_sats + excluded.cost_sats, costed = costed + excluded.costed,
+        reported_cost_sats = reported_cost_sats + excluded.reported_cost_sats,
+        rates_cost_sats = rates_cost_sats + excluded.rates_cost_sats, rates_n = rates_n + excluded.rates_n,
+        savings_sats = savings_sats + excluded.savings_sats, savings_n = savings_n + excluded.savings_n,
+        latency_sum = latency_sum + excluded.latency_sum, latency_n = latency_n + excluded.latency_n,
+        ttft_sum = ttft_sum + excluded.ttft_sum, ttft_n = ttft_n + excluded.ttft_n;
     INSERT INTO requests_hourly VALUES (
         substr(NEW.timestamp, 1, 13), COALESCE(NEW.model, ''), COALESCE(NEW.provider, ''),
         COALESCE(NEW.policy, ''), 1, (NEW.success = 1), (NEW.streaming = 1),
         (NEW.success = 1 AND NEW.streaming = 1),
-        COALESCE(NEW.input_tokens, 0), COALESCE(NEW.output_tokens, 0), COALESCE(NEW.cost_sats, 0),
-        (NEW.cost_sats IS NOT NULL), IIF(NEW.cost_sats IS NULL, 0, COALESCE(NEW.input_tokens, 0)),
-        IIF(NEW.cost_sats IS NULL, 0, COALESCE(NEW.output_tokens, 0)),
+        COALESCE(NEW.input_tokens, 0), COALESCE(NEW.output_tokens, 0),
+        COALESCE(NEW.cached_tokens, 0), COALESCE(NEW.reasoning_tokens, 0),
+        COALESCE(NEW.cost_sats, 0), (NEW.cost_sats IS NOT NULL),
+        IIF(NEW.cost_source = 'provider', COALESCE(NEW.cost_sats, 0), 0),
+        COALESCE(NEW.rates_cost_sats, 0), (NEW.rates_cost_sats IS NOT NULL),
+        COALESCE(MAX(NEW.max_cost_sats - NEW.cost_sats, 0), 0),
+        (NEW.max_cost_sats IS NOT NULL AND NEW.cost_sats IS NOT NULL),
         IIF(NEW.success = 1, COALESCE(NEW.latency_ms, 0), 0), (NEW.success = 1 AND NEW.latency_ms IS NOT NULL),
         IIF(NEW.success = 1, COALESCE(NEW.ttft_ms, 0), 0), (NEW.success = 1 AND NEW.ttft_ms IS NOT NULL))
     ON CONFLICT DO UPDATE SET
         total = total + excluded.total, success = success + excluded.success,
         streaming = streaming + excluded.streaming, ok_streaming = ok_streaming + excluded.ok_streaming,
-        input_tokens = input_tokens + excluded.input_tokens,
-        output_tokens = output_tokens + excluded.output_tokens, cost_sats = cost_sats + excluded.cost_sats,
-        costed = costed + excluded.costed, costed_input = costed_input + excluded.costed_input,
-        costed_output = costed_output + excluded.costed_output, latency_sum = latency_sum + excluded.latency_sum,
-        latency_n = latency_n + excluded.latency_n, ttft_sum = ttft_sum + excluded.ttft_sum,
-        ttft_n = ttft_n + excluded.ttft_n;
+        input_tokens = input_tokens + excluded.input_tokens, output_tokens = output_tokens + excluded.output_tokens,
+        cached_tokens = cached_tokens + excluded.cached_tokens,
+        reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens,
+        cost_sats = cost_sats + excluded.cost_sats, costed = costed + excluded.costed,
+        reported_cost_sats = reported_cost_sats + excluded.reported_cost_sats,
+        rates_cost_sats = rates_cost_sats + excluded.rates_cost_sats, rates_n = rates_n + excluded.rates_n,
+        savings_sats = savings_sats + excluded.savings_sats, savings_n = savings_n + excluded.savings_n,
+        latency_sum = latency_sum + excluded.latency_sum, latency_n = latency_n + excluded.latency_n,
+        ttft_sum = ttft_sum + excluded.ttft_sum, ttft_n = ttft_n + excluded.ttft_n;
     DELETE FROM requests_hourly WHERE total = 0 AND hour = substr(OLD.timestamp, 1, 13)
         AND model = COALESCE(OLD.model, '') AND provider = COALESCE(OLD.provider, '')
         AND policy = COALESCE(OLD.policy, '');
@@ -218,4 +253,4 @@ CREATE TABLE IF NOT EXISTS writers (
     heartbeat TEXT    NOT NULL
 );
 
-PRAGMA user_version = 2;
+PRAGMA user_version = 3;

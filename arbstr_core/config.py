@@ -104,6 +104,12 @@ class BreakerConfig:
 
 
 @dataclass(frozen=True)
+class MarketConfig:
+    refresh_secs: float = _key(300, "how often discovered prices and balances are refreshed", POSITIVE)
+    min_balance_sats: float = _key(0, "a provider whose known balance is below this is skipped", AT_LEAST_0)
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = _key("info", "debug | info | warning | error, to stderr", _one_of(LOG_LEVELS))
     log_requests: bool = _key(True, "false = no request rows are written")
@@ -113,16 +119,24 @@ class LoggingConfig:
 class Provider:
     name: str = _key(help="unique; used in headers, logs and breaker state")
     url: str = _key(help="base URL; arbstr posts to url + /chat/completions", check=_base_url)
-    models: tuple[str, ...] = _key(help="the exact model ids it serves",
-                                   check=_strings("must be a non-empty list of model ids", non_empty=True))
+    models: tuple[str, ...] = _key((), "the exact model ids it serves (optional with discover = true)",
+                                   _strings("must be a non-empty list of model ids", non_empty=True))
     input_rate: float = _key(0, "sats per 1,000 input tokens", AT_LEAST_0)
     output_rate: float = _key(0, "sats per 1,000 output tokens", AT_LEAST_0)
     base_fee: float = _key(0, "sats per request", AT_LEAST_0)
+    cached_input_rate: float | None = _key(None, "sats per 1,000 cached input tokens; absent: input_rate",
+                                           AT_LEAST_0)
     api_key: Secret | None = _key(None, "absent: ARBSTR_<NAME>_API_KEY, else none")  # noqa: RUF009 (a Field)
     key_source: str = SOURCE_NONE
     timeout_secs: float | None = _key(
         None, "longest wait for the answer or a stream's first event; absent: the request's deadline",
         _bound(0, "positive; remove it to wait up to the request's deadline", strict=True))
+    discover: bool = _key(False, "true: models and rates come from {url}/models (a Routstr node), refreshed")
+
+    @property
+    def cached_rate(self) -> float:
+        """What a cached input token costs (SPEC §2.3): ``cached_input_rate``, else ``input_rate``."""
+        return self.input_rate if self.cached_input_rate is None else self.cached_input_rate
 
     @property
     def endpoint(self) -> str:
@@ -154,6 +168,7 @@ class Config:
     retry: RetryConfig = field(default_factory=RetryConfig)
     circuit_breaker: BreakerConfig = field(default_factory=BreakerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    market: MarketConfig = field(default_factory=MarketConfig)
     policies: PoliciesConfig = field(default_factory=PoliciesConfig)
     path: str | None = None
     mock: bool = False
@@ -164,7 +179,7 @@ class Config:
 # TOML table → the dataclass that declares its keys, in the order errors list them.
 _TABLES: dict[str, type] = {
     "server": ServerConfig, "database": DatabaseConfig, "retry": RetryConfig, "circuit_breaker": BreakerConfig,
-    "logging": LoggingConfig, "providers": Provider, "policies": PoliciesConfig, "policies.rules": PolicyRule,
+    "logging": LoggingConfig, "market": MarketConfig, "providers": Provider, "policies": PoliciesConfig, "policies.rules": PolicyRule,
 }
 # A field's annotation (without "| None") → the TOML types it accepts; any tuple[...] is an array.
 _TOML_TYPES = {"str": (str,), "Secret": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
@@ -221,7 +236,7 @@ def from_mapping(
         value, _ = expand(server["auth_token"], env, f"{path}: [server] auth_token")
         server["auth_token"] = Secret(value) if value else None
     simple = {name: _TABLES[name](**_table(_TABLES[name], raw.get(name, {}), path, f"[{name}]"))
-              for name in ("database", "retry", "circuit_breaker", "logging")}
+              for name in ("database", "retry", "circuit_breaker", "logging", "market")}
     providers = _providers(raw.get("providers", []), env, path, warnings)
     if not providers and not mock:
         raise ConfigError(
@@ -303,7 +318,13 @@ def _providers(raw: Any, env: Mapping[str, str], path: str, warnings: list[str])
         label = f"provider '{name}'"
         if any(p.name == name for p in out):
             raise ConfigError(f"{path}: {label} is defined twice; provider names must be unique")
+        if not values["models"]:
+            if not values["discover"]:
+                raise ConfigError(f"{path}: {label} models must be a non-empty list of model ids "
+                                  "(or set discover = true to read them from the provider)")
+            values["models"] = None  # the node's /models will say; until then it serves nothing
         _checked(Provider, values, path, label)
+        values["models"] = values["models"] or ()
         key = resolve_key(name, values["api_key"], env, f"{path}: {label} api_key")
         if key.source == SOURCE_LITERAL:
             warnings.append(

@@ -75,7 +75,8 @@ def open_circuit(reg: BreakerRegistry, name: str = "alpha") -> None:
 def test_starts_closed_with_the_documented_snapshot_shape(reg: BreakerRegistry) -> None:
     snap = reg.snapshot()
     assert set(snap) == {"alpha", "beta"}
-    assert snap["alpha"] == {"state": "closed", "failure_count": 0, "opened_at": None, "last_error": None}
+    assert snap["alpha"] == {"state": "closed", "failure_count": 0, "opened_at": None, "last_error": None,
+                             "key_rejected": None}
     assert reg.is_available("alpha")
     assert reg.acquire("alpha") == Permit("alpha", probe=False)
 

@@ -214,7 +214,7 @@ def test_absurd_usage_on_the_probe_leaves_the_provider_usable(fake_upstream, mak
         assert "x-arbstr-cost-sats" not in raw.headers
     logged = row(server, request_id)
     assert logged["success"] is True and logged["cost_sats"] is None  # unknown usage, unknown cost
-    assert logged["tokens"] == {"input": None, "output": None}
+    assert logged["tokens"] == {"input": None, "output": None, "cached": None, "reasoning": None}
     assert health(server)["p"]["state"] == "closed", "the probe's permit was resolved"
     assert server.chat().status_code == 200
 

@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import requests
 from conftest import provider
 
@@ -123,7 +124,7 @@ def test_unwritable_database_keeps_serving_and_reports_degraded(fake_upstream, m
     server.kill()
 
 
-def test_stats_and_requests_api_reflect_traffic(fake_upstream, make_config, gunicorn_server) -> None:
+def test_stats_and_requests_api_reflect_traffic(fake_upstream, make_config, gunicorn_server, tmp_path: Path) -> None:
     cheap, dear = fake_upstream(2)
     server = gunicorn_server(make_config([provider(cheap, "cheap", **RATES),
                                           provider(dear, "dear", input_rate=10, output_rate=50, base_fee=1)]))
@@ -137,13 +138,28 @@ def test_stats_and_requests_api_reflect_traffic(fake_upstream, make_config, guni
     assert stats["counts"] == {"total": 4, "success": 3, "error": 1, "streaming": 0}
     cost = (10 * 3 + 20 * 7) / 1000 + 0.25
     dear_cost = (10 * 10 + 20 * 50) / 1000 + 1
-    assert abs(stats["costs"]["total_cost_sats"] - 3 * cost) < 1e-9
-    assert abs(stats["costs"]["savings_sats"] - 3 * (dear_cost - cost)) < 1e-9
-    assert stats["costs"]["total_input_tokens"] == 30 and stats["costs"]["total_output_tokens"] == 60
+    costs = stats["costs"]
+    assert costs["total_cost_sats"] == round(3 * cost, 3)
+    assert costs["total_input_tokens"] == 30 and costs["total_output_tokens"] == 60
+    # Savings are each row's max_cost_sats (the dearest provider's rates for its usage, written by the
+    # request path) less its cost. Rows written without max_cost_sats (before the request path records
+    # it) save nothing they can show.
+    logged = rows(tmp_path / "arbstr.db")
+    known = [r for r in logged.values() if r["max_cost_sats"] is not None]
+    assert all(r["max_cost_sats"] == pytest.approx(dear_cost) for r in known)
+    assert costs["savings_sats"] == round(len(known) * (dear_cost - cost), 3)
+    assert costs["rates_cost_sats"] == round(sum(r["rates_cost_sats"] or 0 for r in logged.values()), 3)
+    assert costs["reported_cost_sats"] == 0  # the fake providers report no cost
     listing = server.get("/v1/requests", params={"success": "true", "per_page": 2}).json()
     assert listing["total"] == 3 and listing["total_pages"] == 2 and len(listing["data"]) == 2
     one = server.get(f"/v1/requests/{ids[0]}").json()
-    assert one["request_id"] == ids[0] and one["provider"] == "cheap" and one["tokens"] == {"input": 10, "output": 20}
+    assert one["request_id"] == ids[0] and one["provider"] == "cheap"
+    assert one["tokens"] == {"input": 10, "output": 20, "cached": logged[ids[0]]["cached_tokens"],
+                             "reasoning": logged[ids[0]]["reasoning_tokens"]}
+    assert one["cost_sats"] == round(cost, 3) and one["cost_source"] in (None, "rates")
+    for key in ("rates_cost_sats", "max_cost_sats"):
+        stored = logged[ids[0]][key]
+        assert one[key] == (None if stored is None else round(stored, 3)), key
     assert server.get("/v1/requests/does-not-exist").status_code == 404
     r = server.get("/v1/stats", params={"range": "last_year"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "range"

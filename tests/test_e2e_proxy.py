@@ -47,7 +47,7 @@ def test_cheapest_provider_answers_with_headers_and_cost(three) -> None:
     assert int(h["x-arbstr-latency-ms"]) >= 0
     usage = completion.usage
     expected = (usage.prompt_tokens * 4 + usage.completion_tokens * 10) / 1000 + 2
-    assert h["x-arbstr-cost-sats"] == f"{expected:.2f}"
+    assert h["x-arbstr-cost-sats"] == f"{expected:.3f}"  # msat precision
     assert "x-arbstr-policy" not in h and "x-arbstr-retries" not in h
     assert len(ups["cheap"].requests) == 1 and not ups["pricey"].requests and not ups["middle"].requests
     sent = ups["cheap"].requests[0]
@@ -164,6 +164,10 @@ def test_models_providers_and_cost(three) -> None:
     assert [p["name"] for p in providers] == ["pricey", "cheap", "middle"]
     assert providers[1]["circuit"] == {"state": "closed", "failure_count": 0}
     assert providers[1]["key_source"] == "none" and providers[1]["api_key"] is None
+    assert providers[1]["cached_input_rate"] == providers[1]["input_rate"]  # none configured: the input rate
+    assert providers[1]["key_rejected"] is False and providers[1]["balance_sats"] is None
+    assert providers[1]["prices"] == {"source": "config", "updated_at": None, "age_secs": None, "error": None,
+                                      "models": None}
     text = "héllo wörld " * 10
     r = server.post("/v1/cost", json={"model": "gpt-4o", "max_tokens": 100,
                                       "messages": [{"role": "user", "content": text}]})
@@ -172,7 +176,7 @@ def test_models_providers_and_cost(three) -> None:
     assert est["provider"] == "cheap" and est["policy"] is None
     assert est["estimated_input_tokens"] == expected_in and est["estimated_output_tokens"] == 100
     assert est["estimated_cost_sats"] == pytest.approx((expected_in * 4 + 100 * 10) / 1000 + 2)
-    assert est["rates"] == {"input_rate": 4, "output_rate": 10, "base_fee": 2}
+    assert est["rates"] == {"input_rate": 4, "output_rate": 10, "base_fee": 2, "cached_input_rate": 4}
     assert not any(u.requests for u in ups.values())
 
 
@@ -265,7 +269,7 @@ def test_reply_without_usage_has_no_cost(fake_upstream, make_config, gunicorn_se
     row = row.json()
     assert row["status"] == "ok" and row["success"] is True and row["provider"] == up.name
     assert row["cost_sats"] is None
-    assert row["tokens"] == {"input": None, "output": None}
+    assert row["tokens"] == {"input": None, "output": None, "cached": None, "reasoning": None}
     # ... and as stored: NULL, not 0.
     assert server.stop() == 0
     with sqlite3.connect(tmp_path / "arbstr.db") as db:

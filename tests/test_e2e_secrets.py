@@ -121,7 +121,8 @@ def test_no_secret_in_any_byte_of_a_full_session(fake_upstream, gunicorn_server,
     alpha.script(echo(400))
     r = chat()
     assert r.status_code == 400 and "[REDACTED]" in r.json()["error"]["message"]
-    # Every provider fails, each quoting its own key: 401, 503, 429 (+ Retry-After), 500 → 502.
+    # Every provider fails, each quoting its own key: 402, 503, 429 (+ Retry-After), 500 → 502. (Not 401:
+    # a rejected key is skipped until restart, and alpha must stay in play for the streams below.)
     # The status depends on which providers the chain reaches: 429 only if every attempt was rate
     # limited (gamma alone, were the others skipped), else 502. So the scenario pins the reach: every
     # circuit closed (failure_threshold 100) and no scripted action left over, so this request meets
@@ -129,7 +130,7 @@ def test_no_secret_in_any_byte_of_a_full_session(fake_upstream, gunicorn_server,
     assert {c["state"] for c in server.get("/health").json()["providers"].values()} == {"closed"}
     assert [f.pending for f in (alpha, beta, gamma, delta)] == [0, 0, 0, 0]
     before = [len(f.requests) for f in (alpha, beta, gamma, delta)]
-    alpha.script(echo(401))
+    alpha.script(echo(402))
     beta.script(echo(503))
     gamma.script(echo(429, **{"Retry-After": "0"}))
     delta.script(echo(500))

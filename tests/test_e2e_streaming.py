@@ -175,7 +175,7 @@ def test_complete_stream_row_has_usage_cost_and_timing(single) -> None:
     row = settled_row(server, r.headers["x-arbstr-request-id"])
     assert row["status"] == "complete" and row["success"] is True
     assert row["streaming"] is True and row["http_status"] == 200 and row["provider"] == "p"
-    assert row["tokens"] == {"input": 123, "output": 45}
+    assert row["tokens"] == {"input": 123, "output": 45, "cached": 0, "reasoning": None}
     assert row["cost_sats"] == pytest.approx(expected_cost(USAGE), abs=1e-12)
     assert row["error"] is None and row["retries"] is None
     timing = row["timing"]
@@ -223,10 +223,10 @@ def test_upstream_dying_after_three_chunks(single, chunked: bool, cut: str, with
     assert row["status"] == "interrupted" and row["success"] is False and row["http_status"] == 200
     assert row["error"]["type"] == "upstream_error" and "broke" in row["error"]["message"]
     if with_usage:
-        assert row["tokens"] == {"input": 10, "output": 3}
+        assert row["tokens"] == {"input": 10, "output": 3, "cached": 0, "reasoning": None}
         assert row["cost_sats"] == pytest.approx((10 * 4 + 3 * 10) / 1000 + 2, abs=1e-12)
     else:
-        assert row["tokens"] == {"input": None, "output": None} and row["cost_sats"] is None
+        assert row["tokens"] == {"input": None, "output": None, "cached": None, "reasoning": None} and row["cost_sats"] is None
     assert row["timing"]["latency_ms"] == row["timing"]["stream_duration_ms"]
     assert failure_count(server) == 1  # upstream broke mid-stream: a breaker failure (§5.3)
 
@@ -255,7 +255,7 @@ def test_upstream_going_idle_past_the_idle_timeout(single) -> None:
     row = settled_row(server, request_id)
     assert row["status"] == "interrupted" and row["success"] is False
     assert "silent" in row["error"]["message"]
-    assert row["tokens"] == {"input": None, "output": None} and row["cost_sats"] is None
+    assert row["tokens"] == {"input": None, "output": None, "cached": None, "reasoning": None} and row["cost_sats"] is None
 
 
 @pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "close-delimited"])
@@ -302,7 +302,7 @@ def test_upstream_ending_unfinished_without_done(single, chunked: bool) -> None:
     row = settled_row(server, request_id)
     assert row["status"] == "interrupted" and row["success"] is False
     assert "[DONE]" in row["error"]["message"]
-    assert row["tokens"] == {"input": 123, "output": 45}  # the usage seen before the end still counts
+    assert row["tokens"] == {"input": 123, "output": 45, "cached": 0, "reasoning": None}  # the usage seen before the end still counts
     assert row["cost_sats"] == pytest.approx(expected_cost(USAGE), abs=1e-12)
 
     # The raw bytes: the error event in OpenAI's shape, then [DONE], then a clean end of the body.
@@ -353,7 +353,7 @@ def test_client_leaving_closes_the_upstream(single, leave: Callable[[ArbstrServe
 
     row = settled_row(server, request_id)
     assert row["status"] == "client_disconnected" and row["success"] is False
-    assert row["tokens"] == {"input": None, "output": None} and row["cost_sats"] is None
+    assert row["tokens"] == {"input": None, "output": None, "cached": None, "reasoning": None} and row["cost_sats"] is None
     # The stream's duration is real time within this test, not the whole stream's 60 s and more.
     assert row["timing"]["stream_duration_ms"] <= (time.monotonic() - asked) * 1000
     assert failure_count(server) == 0  # neutral for the breaker

@@ -71,10 +71,23 @@ def test_2xx_with_an_invalid_body() -> None:
     assert row(BAD_BODY) == (False, True, FAILURE)
 
 
-@pytest.mark.parametrize("status", [401, 402, 403])
-def test_provider_key_or_balance(status: int) -> None:
+@pytest.mark.parametrize("status", [401, 403])
+def test_provider_key_refused(status: int) -> None:
     v = classify_status(status, None, MAX_RETRY_AFTER)
     assert v is KEY_REJECTED
+    assert row(v) == (False, True, NEUTRAL)
+
+
+@pytest.mark.parametrize("code", ["invalid_api_key", "invalid_cashu_token", "cashu_token_already_spent"])
+def test_a_400_naming_a_key_fault_blames_the_key_not_the_request(code: str) -> None:
+    """Routstr answers a spent or invalid Cashu token with 400: the provider's fault, not the client's."""
+    assert classify_status(400, None, MAX_RETRY_AFTER, code) is KEY_REJECTED
+    assert classify_status(400, None, MAX_RETRY_AFTER, "invalid_value") is CLIENT_FAULT
+
+
+def test_402_is_the_balance_running_out() -> None:
+    v = classify_status(402, None, MAX_RETRY_AFTER)
+    assert v is failures.BALANCE
     assert row(v) == (False, True, NEUTRAL)
 
 

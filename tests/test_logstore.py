@@ -23,6 +23,9 @@ from arbstr_core.reads import queries
 from arbstr_core.timefmt import utc_timestamp
 
 ROOT = Path(__file__).resolve().parent.parent
+# schema.sql as it was at version 2 (before cached/reasoning tokens, cost_source, rates and max costs).
+V2_SCHEMA = (ROOT / "tests" / "schema_v2.sql").read_text(encoding="utf-8")
+NEW_IN_V3 = ("cached_tokens", "reasoning_tokens", "cost_source", "rates_cost_sats", "max_cost_sats")
 
 
 def row(i: int = 0, **over) -> dict:
@@ -46,6 +49,11 @@ def row(i: int = 0, **over) -> dict:
         "error_type": None,
         "error_message": None,
         "client_retry_count": 0,
+        "cached_tokens": 40 + i,
+        "reasoning_tokens": 5 + i,
+        "cost_source": "rates",
+        "rates_cost_sats": 1.0 + i / 8,
+        "max_cost_sats": 1.5 + i / 4,
     }
     base.update(over)
     return base
@@ -95,14 +103,21 @@ def db(tmp_path: Path) -> Path:
 def test_row_round_trip_keeps_tokens_cost_and_flags(db: Path) -> None:
     store = LogStore(str(db))
     store.start()
-    known = row(3, cost_sats=12.345678901234, retries="2/provider-alpha, 1/provider-beta", client_retry_count=2)
+    known = row(3, cost_sats=12.345678901234, retries="2/provider-alpha, 1/provider-beta", client_retry_count=2,
+                cost_source="provider", rates_cost_sats=11.5, max_cost_sats=20.25, cached_tokens=64, reasoning_tokens=8)
     unknown = row(4, cost_sats=None, input_tokens=None, output_tokens=None, success=False, status="error",
-                  http_status=502, error_type="upstream_error", error_message="boom")
-    stream = row(5, streaming=True, status="streaming", success=False, cost_sats=None)
-    for r in (known, unknown, stream):
+                  http_status=502, error_type="upstream_error", error_message="boom", cached_tokens=None,
+                  reasoning_tokens=None, cost_source=None, rates_cost_sats=None, max_cost_sats=None)
+    stream = row(5, streaming=True, status="streaming", success=False, cost_sats=None, cost_source=None,
+                 rates_cost_sats=None, max_cost_sats=None)
+    # A row as the request path wrote them before these keys: accepted, the new columns NULL.
+    older = {k: v for k, v in row(8).items() if k not in NEW_IN_V3}
+    for r in (known, unknown, stream, older):
         store.insert(r)
     store.update(stream["request_id"], {"status": "complete", "success": True, "input_tokens": 7, "output_tokens": 9,
-                                        "cost_sats": 2.5, "ttft_ms": 40, "stream_duration_ms": 900, "latency_ms": 900})
+                                        "cost_sats": 2.5, "ttft_ms": 40, "stream_duration_ms": 900, "latency_ms": 900,
+                                        "cached_tokens": 3, "reasoning_tokens": 2, "cost_source": "rates",
+                                        "rates_cost_sats": 2.5, "max_cost_sats": 3.0})
     when = datetime(2026, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
     as_datetime, as_unix = row(6, timestamp=when), row(7, timestamp=when.timestamp())
     store.insert(as_datetime)
@@ -113,16 +128,20 @@ def test_row_round_trip_keeps_tokens_cost_and_flags(db: Path) -> None:
         assert fetch(db, r["request_id"])["timestamp"] == "2026-05-01T12:00:00.123Z"
     got = fetch(db, known["request_id"])
     for key in ("timestamp", "model", "provider", "input_tokens", "output_tokens", "cost_sats", "latency_ms",
-                "retries", "client_retry_count", "http_status"):
+                "retries", "client_retry_count", "http_status", *NEW_IN_V3):
         assert got[key] == known[key], key
     assert (got["streaming"], got["success"]) == (0, 1)
     got = fetch(db, unknown["request_id"])
     assert got["cost_sats"] is None and got["input_tokens"] is None  # unknown stays unknown, never 0
+    assert all(got[key] is None for key in NEW_IN_V3)
     assert (got["success"], got["error_type"], got["error_message"]) == (0, "upstream_error", "boom")
     got = fetch(db, stream["request_id"])
     assert (got["status"], got["success"], got["streaming"], got["cost_sats"]) == ("complete", 1, 1, 2.5)
     assert (got["input_tokens"], got["output_tokens"], got["ttft_ms"], got["stream_duration_ms"]) == (7, 9, 40, 900)
-    assert store.health() == {"queued": 0, "written": 5, "dropped": 0, "db_ok": True, "write_errors": 0}
+    assert [got[key] for key in NEW_IN_V3] == [3, 2, "rates", 2.5, 3.0]
+    got = fetch(db, older["request_id"])
+    assert got["cost_sats"] == older["cost_sats"] and all(got[key] is None for key in NEW_IN_V3)
+    assert store.health() == {"queued": 0, "written": 6, "dropped": 0, "db_ok": True, "write_errors": 0}
     assert rollup_is_consistent(db)
 
 
@@ -440,18 +459,21 @@ def test_schema_triggers_keep_the_sums_log_db_declares() -> None:
     assert table[4:] == [(s.column, {int: "INTEGER", float: "REAL"}[s.kind]) for s in logdb.SUMS]
 
     # Rows on which every two sums differ somewhere, so that two sums swapped cannot go unnoticed.
-    rows = [  # success, streaming, input_tokens, output_tokens, cost_sats, latency_ms, ttft_ms
-        (1, 1, 7, 11, 2.5, 300, 40),
-        (1, 0, 13, 17, None, 250, None),
-        (0, 1, None, None, None, 5000, None),
-        (0, 0, 3, 5, 0.75, None, None),
-        (1, 0, 19, 23, 4.25, None, 33),
+    names = ("success", "streaming", "input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens",
+             "cost_sats", "cost_source", "rates_cost_sats", "max_cost_sats", "latency_ms", "ttft_ms")
+    rows = [
+        (1, 1, 7, 11, 3, 5, 2.5, "provider", 2.25, 4.0, 300, 40),
+        (1, 0, 13, 17, 0, 2, None, None, None, None, 250, None),
+        (0, 1, None, None, None, None, None, None, None, None, 5000, None),
+        (0, 0, 3, 5, 1, None, 0.75, "rates", 0.75, 0.5, None, None),  # dearest below the cost: saves 0, not -0.25
+        (1, 0, 19, 23, None, 6, 4.25, "rates", 4.25, 9.5, None, 33),
+        (0, 0, 2, 3, None, None, 1.5, "provider", 1.0, None, None, None),
+        (1, 1, 2, 2, None, None, 0.5, None, None, None, 10, 1),  # as a row written before version 3
     ]
     for i, r in enumerate(rows):
         conn.execute(
-            "INSERT INTO requests (request_id, timestamp, model, provider, policy, status, success, streaming, "
-            "input_tokens, output_tokens, cost_sats, latency_ms, ttft_ms) "
-            "VALUES (?, '2026-05-01T12:00:00.000Z', 'Gpt-4o', NULL, 'code', 'ok', ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO requests (request_id, timestamp, model, provider, policy, status, {', '.join(names)}) "
+            f"VALUES (?, '2026-05-01T12:00:00.000Z', 'Gpt-4o', NULL, 'code', 'ok', {', '.join('?' * len(names))})",
             (f"r{i}", *r),
         )
     ids = [r[0] for r in conn.execute("SELECT id FROM requests ORDER BY id")]
@@ -499,10 +521,141 @@ def test_rollup_keeps_up_when_the_newest_rows_go(db: Path) -> None:
     assert rollup_is_consistent(db)
 
 
+# Version 2's roll-up (its log/db.py SUMS, then its latency bands), to leave a database as arbstr at
+# version 2 did: folded rows, the newer ones not yet.
+V2_FOLD = (
+    (f"INSERT INTO requests_hourly SELECT {logdb.HOURLY_KEY}, COUNT(*), TOTAL(success = 1), TOTAL(streaming = 1), "
+     "TOTAL(success = 1 AND streaming = 1), TOTAL(input_tokens), TOTAL(output_tokens), TOTAL(cost_sats), "
+     "COUNT(cost_sats), TOTAL(IIF(cost_sats IS NULL, 0, input_tokens)), TOTAL(IIF(cost_sats IS NULL, 0, output_tokens)), "
+     "TOTAL(IIF(success = 1, latency_ms, 0)), COUNT(IIF(success = 1, latency_ms, NULL)), "
+     "TOTAL(IIF(success = 1, ttft_ms, 0)), COUNT(IIF(success = 1, ttft_ms, NULL)) FROM requests GROUP BY 1, 2, 3, 4"),
+    (f"INSERT INTO requests_latency_hourly SELECT {logdb.HOURLY_KEY}, {logdb.BAND_OF_LATENCY}, COUNT(*) "
+     f"FROM requests WHERE {logdb.TIMED_OK} GROUP BY 1, 2, 3, 4, 5"),
+    "UPDATE rollup_state SET upto = (SELECT MAX(id) FROM requests)",
+)
+
+
+def v2_rows(n: int) -> list[dict]:
+    """Rows as the request path wrote them at version 2 (none of the version 3 keys), over the last hours."""
+    now = time.time()
+    out = []
+    for i in range(n):
+        r = {k: v for k, v in row(i).items() if k not in NEW_IN_V3}
+        r.update(timestamp=utc_timestamp(now - 600 * i), model=("gpt-4o", "GPT-4o-mini", None)[i % 3],
+                 policy=(None, "code")[i % 2], streaming=i % 4 == 0)
+        if i % 5 == 1:  # failed: no usage, no cost
+            r.update(status="error", success=False, http_status=502, input_tokens=None, output_tokens=None,
+                     cost_sats=None, error_type="upstream_error", error_message="boom")
+        out.append(r)
+    return out
+
+
+def make_v2_database(path: Path, rows: list[dict], folded: int) -> list[tuple]:
+    """A log as arbstr at version 2 left it, with its schema (tests/schema_v2.sql): the first ``folded``
+    rows in the hourly tables, their streams ended after the fold (v2's update trigger moved them), one
+    folded row deleted (v2's delete trigger), the rest newer than the fold. Returns every row as stored."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None)
+    assert logdb.apply_schema(conn, V2_SCHEMA) == 2
+    with logdb.transaction(conn):
+        for part, fold in ((rows[:folded], True), (rows[folded:], False)):
+            for r in part:
+                first = {**r, "status": "streaming", "success": False, "cost_sats": None} if r["streaming"] else r
+                logdb.apply_op(conn, ("insert", first), "v2")
+            for stmt in V2_FOLD if fold else ():
+                conn.execute(stmt)
+            for r in part:
+                if r["streaming"]:
+                    logdb.apply_op(conn, ("update", r["request_id"], r), "v2")
+        conn.execute("DELETE FROM requests WHERE request_id = ?", (rows[1]["request_id"],))
+    stored = conn.execute("SELECT * FROM requests ORDER BY id").fetchall()
+    conn.close()
+    return stored
+
+
+def schema_of(path: Path) -> tuple[dict, dict]:
+    """Every table's columns (name, type, order) and every index's and trigger's SQL."""
+    conn = sqlite3.connect(path)
+    try:
+        objects = conn.execute("SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'").fetchall()
+        tables = {name: conn.execute(f"PRAGMA table_info({name})").fetchall() for kind, name, _ in objects
+                  if kind == "table"}
+        return tables, {name: sql for kind, name, sql in objects if kind != "table"}
+    finally:
+        conn.close()
+
+
+def test_version_2_database_is_migrated_losing_nothing(db: Path, tmp_path: Path) -> None:
+    """Every old row kept as it was, the five new columns NULL in them, the hourly totals made again with
+    the new sums, the same layout as a new database; stats and listings read it, new rows add to it."""
+    rows = v2_rows(40)
+    before = make_v2_database(db, rows, folded=30)
+    with pytest.raises(ArbstrError) as err:  # readers do not guess at an old layout
+        queries.stats(str(db), {})
+    assert (err.value.status, err.value.code) == (503, "log_outdated")
+
+    store = LogStore(str(db))
+    store.start()
+    assert store.flush()
+    new = row(99, cost_source="provider", cost_sats=2.125, rates_cost_sats=2.0, max_cost_sats=3.5, cached_tokens=30,
+              reasoning_tokens=12)
+    store.insert(new)
+    store.close()
+
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == logdb.expected_version() == 3
+    old_columns = len(before[0])
+    after = conn.execute("SELECT * FROM requests ORDER BY id").fetchall()
+    conn.close()
+    assert [r[:old_columns] for r in after[:-1]] == before  # every old row, every value, the same id
+    assert all(r[old_columns:] == (None,) * len(NEW_IN_V3) for r in after[:-1])
+    assert len(after) == len(rows) and fetch(db, new["request_id"])["max_cost_sats"] == 3.5
+    assert rollup_is_consistent(db)
+    fresh = tmp_path / "fresh.db"
+    logdb.open_writer(str(fresh)).close()
+    assert schema_of(db)[0] == schema_of(fresh)[0]  # tables: the same columns in the same order
+    assert schema_of(db)[1] == schema_of(fresh)[1]  # indexes and triggers: schema.sql's
+
+    kept = [r for r in rows if r["request_id"] != rows[1]["request_id"]] + [new]
+    doc = queries.stats(str(db), {"range": "last_24h"})
+    assert doc["counts"] == {"total": len(kept), "success": sum(r["success"] for r in kept),
+                             "error": sum(not r["success"] for r in kept),
+                             "streaming": sum(bool(r["streaming"]) for r in kept)}
+    assert doc["costs"] == {
+        "total_cost_sats": round(sum(r["cost_sats"] or 0 for r in kept), 3),
+        "total_input_tokens": sum(r["input_tokens"] or 0 for r in kept),
+        "total_output_tokens": sum(r["output_tokens"] or 0 for r in kept),
+        # Only the new row knows these: the migrated rows' reported cost, rates and savings are unknown.
+        "total_cached_tokens": 30, "total_reasoning_tokens": 12, "reported_cost_sats": 2.125,
+        "rates_cost_sats": 2.0, "savings_sats": 1.375,
+    }
+    old = queries.get_request(str(db), rows[0]["request_id"])
+    assert old["tokens"] == {"input": rows[0]["input_tokens"], "output": rows[0]["output_tokens"], "cached": None,
+                             "reasoning": None}
+    assert (old["cost_sats"], old["cost_source"], old["rates_cost_sats"], old["max_cost_sats"]) == (
+        rows[0]["cost_sats"], None, None, None)
+
+
+def test_migration_is_one_transaction(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A migration that fails part way leaves the version 2 database as it was, to be tried again."""
+    before = make_v2_database(db, v2_rows(12), folded=6)
+    broken = (*logdb.MIGRATIONS[3], "SELECT no_such_column FROM requests")
+    monkeypatch.setitem(logdb.MIGRATIONS, 3, broken)
+    with pytest.raises(sqlite3.OperationalError):
+        logdb.open_writer(str(db))
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("SELECT * FROM requests ORDER BY id").fetchall() == before
+    conn.close()
+    monkeypatch.undo()
+    logdb.open_writer(str(db)).close()
+    assert rollup_is_consistent(db)
+
+
 def test_version_1_database_is_upgraded(db: Path) -> None:
-    """A log written by the previous schema opens: new tables and indexes, totals recomputed, reads work."""
-    conn = logdb.open_writer(str(db))
-    logdb.write(conn, [("insert", row(i)) for i in range(30)], "w")
+    """A log written two schemas ago opens: new tables, columns and indexes, totals recomputed, reads work."""
+    make_v2_database(db, v2_rows(30), folded=20)
+    conn = sqlite3.connect(db, isolation_level=None)
     for stmt in (  # what version 1 had instead
         "DROP TABLE rollup_state", "DROP TABLE requests_latency_hourly", "DROP TABLE latency_bands",
         "DROP INDEX idx_requests_hour_cost", "DROP INDEX idx_requests_hour_latency",
@@ -522,9 +675,9 @@ def test_version_1_database_is_upgraded(db: Path) -> None:
     store.close()
     conn = sqlite3.connect(db)
     objects = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == logdb.expected_version() == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == logdb.expected_version() == 3
     conn.close()
     assert {"rollup_state", "requests_latency_hourly", "idx_requests_hour_cost"} <= objects
     assert not {"idx_requests_cost", "requests_hourly_insert"} & objects
-    assert queries.list_requests(str(db), {"per_page": "100"})["total"] == 31
+    assert queries.list_requests(str(db), {"per_page": "100"})["total"] == 30
     assert rollup_is_consistent(db)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import re
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,8 +29,7 @@ PROVIDERS = (
     Provider("provider-beta", "http://b.test/v1", ("gpt-4o",), 5, 15, 0.5),
     Provider("provider-gamma", "http://c.test/v1", ("gpt-4o-mini",), 2, 40, 0),  # dearest only for long answers
 )
-# No longer configured: its rows keep what it charged, and its model, which no configured provider
-# serves, counts toward no savings.
+# No longer configured: its rows keep what they cost and what they saved, measured when they were written.
 RETIRED = Provider("provider-retired", "http://r.test/v1", ("unknown-model",), 3, 9, 0.25)
 
 
@@ -37,8 +38,16 @@ def price(p: Provider, input_tokens: int, output_tokens: int) -> float:
     return (input_tokens * p.input_rate + output_tokens * p.output_rate) / 1000 + p.base_fee
 
 
+def msat(v: float) -> float:
+    """A cost as the API shows it: 3 decimals."""
+    return round(v, 3) + 0.0
+
+
 def make_rows(n: int = 1500, seed: int = 7) -> list[dict[str, Any]]:
-    """Rows as the request path writes them: a known cost is what the serving provider's rates give."""
+    """Rows as the request path writes them: the rates formula for the usage at the serving provider and at
+    the dearest one that could have served it; the cost is the provider's report (sometimes above the
+    dearest rates, so the row saves nothing) or the rates. Some rows predate version 3 (no rates, no
+    source, no dearest cost)."""
     rnd = random.Random(seed)
     rows = []
     for i in range(n):
@@ -52,6 +61,11 @@ def make_rows(n: int = 1500, seed: int = 7) -> list[dict[str, Any]]:
         stream = rnd.random() < 0.4
         tin, tout = rnd.randint(1, 5000), rnd.randint(1, 2000)
         known = ok and rnd.random() < 0.9
+        source = rnd.choice(["provider", "rates", "rates", None]) if known else None  # None: logged before v3
+        rates = price(served_by, tin, tout) if known else None
+        dearest = max(price(p, tin, tout) for p in (*PROVIDERS, RETIRED)
+                      if model and model.casefold() in p.models) if known else None
+        cost = round(rates * rnd.uniform(0.7, 1.6), 3) if source == "provider" else rates
         latency = rnd.randint(20, 9000) if ok or rnd.random() < 0.5 else None
         rows.append({
             "request_id": f"req-{i:05d}",
@@ -65,7 +79,7 @@ def make_rows(n: int = 1500, seed: int = 7) -> list[dict[str, Any]]:
             "http_status": 200 if ok else rnd.choice([400, 502, 504]),
             "input_tokens": tin if known else None,
             "output_tokens": tout if known else None,
-            "cost_sats": price(served_by, tin, tout) if known else None,
+            "cost_sats": cost,
             "latency_ms": latency,
             "ttft_ms": rnd.randint(5, 500) if stream and ok else None,
             "stream_duration_ms": latency if stream else None,
@@ -73,6 +87,11 @@ def make_rows(n: int = 1500, seed: int = 7) -> list[dict[str, Any]]:
             "error_type": None if ok else "upstream_error",
             "error_message": None if ok else "upstream said no",
             "client_retry_count": 0,
+            "cached_tokens": rnd.choice([None, 0, rnd.randint(0, tin)]) if known and source else None,
+            "reasoning_tokens": rnd.choice([None, rnd.randint(0, tout)]) if known and source else None,
+            "cost_source": source,
+            "rates_cost_sats": rates if source else None,
+            "max_cost_sats": dearest if source else None,
         })
     # Exact edges: since is inclusive, until exclusive.
     rows[0]["timestamp"] = format_utc(NOW - timedelta(hours=1))
@@ -91,7 +110,9 @@ def write(path: Path, rows: list[dict[str, Any]], rolled_up: int) -> None:
         for fold, part in ((True, rows[:rolled_up]), (False, rows[rolled_up:])):
             for r in part:
                 start = {**r, "status": "streaming", "success": False, "cost_sats": None, "input_tokens": None,
-                         "output_tokens": None, "latency_ms": None, "ttft_ms": None, "stream_duration_ms": None}
+                         "output_tokens": None, "latency_ms": None, "ttft_ms": None, "stream_duration_ms": None,
+                         "cached_tokens": None, "reasoning_tokens": None, "cost_source": None,
+                         "rates_cost_sats": None, "max_cost_sats": None}
                 logdb.apply_op(conn, ("insert", start if r["streaming"] else r), "test")
             if fold:
                 logdb.roll_up(conn)
@@ -143,16 +164,14 @@ def select(rows, since, until, model=None, provider=None, policy=None, success=N
 def expected(rows: list[dict[str, Any]]) -> dict[str, Any]:
     lat = sorted(r["latency_ms"] for r in rows if r["success"] and r["latency_ms"] is not None)
     ttft = [r["ttft_ms"] for r in rows if r["success"] and r["ttft_ms"] is not None]
-    # Savings, row by row (test_savings_by_hand pins the definition with numbers): per model, what the
-    # configured provider that would have charged most for its priced requests would have charged, less
-    # what they cost.
-    savings = 0.0
-    for model in {(r["model"] or "").casefold() for r in rows}:
-        costed = [r for r in rows if (r["model"] or "").casefold() == model and r["cost_sats"] is not None]
-        charged = [sum(price(p, r["input_tokens"], r["output_tokens"]) for r in costed)
-                   for p in PROVIDERS if model in p.models]
-        if costed and charged:
-            savings += max(charged) - sum(r["cost_sats"] for r in costed)
+    # Savings, row by row (test_savings_by_hand pins the definition with numbers): what the dearest
+    # provider would have charged for the row, less what it cost, never below 0; rows that do not know
+    # both add nothing.
+    savings = sum(max(r["max_cost_sats"] - r["cost_sats"], 0) for r in rows
+                  if r["max_cost_sats"] is not None and r["cost_sats"] is not None)
+
+    def total(key: str) -> Any:
+        return sum(r[key] or 0 for r in rows)
 
     def nearest_rank(p: int) -> Any:
         return lat[math.ceil(p / 100 * len(lat)) - 1] if lat else None
@@ -165,10 +184,14 @@ def expected(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "streaming": sum(r["streaming"] for r in rows),
         },
         "costs": {
-            "total_cost_sats": pytest.approx(sum(r["cost_sats"] or 0 for r in rows), rel=1e-9, abs=1e-9),
-            "total_input_tokens": sum(r["input_tokens"] or 0 for r in rows),
-            "total_output_tokens": sum(r["output_tokens"] or 0 for r in rows),
-            "savings_sats": pytest.approx(savings, rel=1e-9, abs=1e-9),
+            "total_cost_sats": msat(total("cost_sats")),
+            "total_input_tokens": total("input_tokens"),
+            "total_output_tokens": total("output_tokens"),
+            "total_cached_tokens": total("cached_tokens"),
+            "total_reasoning_tokens": total("reasoning_tokens"),
+            "reported_cost_sats": msat(sum(r["cost_sats"] for r in rows if r["cost_source"] == "provider")),
+            "rates_cost_sats": msat(total("rates_cost_sats")),
+            "savings_sats": msat(savings),
         },
         "performance": {
             "avg_latency_ms": pytest.approx(sum(lat) / len(lat)) if lat else None,
@@ -190,7 +213,7 @@ def core(doc: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.parametrize("range_", ["last_1h", "last_24h", "last_7d", "last_30d", None])
 def test_stats_totals_per_range(dataset, percentile_path, range_) -> None:
     path, rows = dataset
-    doc = queries.stats(path, {"range": range_} if range_ else {}, PROVIDERS, now=NOW)
+    doc = queries.stats(path, {"range": range_} if range_ else {}, now=NOW)
     since = NOW - queryargs.RANGES[range_ or "last_7d"]
     assert doc["since"] == format_utc(since) and doc["until"] == format_utc(NOW)
     assert core(doc) == expected(select(rows, since, NOW))
@@ -205,7 +228,7 @@ def test_stats_totals_per_range(dataset, percentile_path, range_) -> None:
 ])
 def test_stats_explicit_times(dataset, percentile_path, args) -> None:
     path, rows = dataset
-    doc = queries.stats(path, args, PROVIDERS, now=NOW)
+    doc = queries.stats(path, args, now=NOW)
     since, until = datetime.fromisoformat(doc["since"]), datetime.fromisoformat(doc["until"])
 
     def given(name: str) -> datetime:
@@ -221,14 +244,14 @@ def test_stats_explicit_times(dataset, percentile_path, args) -> None:
                                      {"model": "gpt-4o-mini", "provider": "provider-alpha", "policy": "chat"}])
 def test_stats_filters_are_exact_and_case_insensitive(dataset, percentile_path, filters) -> None:
     path, rows = dataset
-    doc = queries.stats(path, {**filters, "range": "last_30d"}, PROVIDERS, now=NOW)
+    doc = queries.stats(path, {**filters, "range": "last_30d"}, now=NOW)
     assert core(doc) == expected(select(rows, NOW - timedelta(days=30), NOW, **filters))
 
 
 @pytest.mark.parametrize("group_by", ["model", "provider", "policy"])
 def test_stats_group_by_name(dataset, percentile_path, group_by) -> None:
     path, rows = dataset
-    doc = queries.stats(path, {"group_by": group_by, "range": "last_30d"}, PROVIDERS, now=NOW)
+    doc = queries.stats(path, {"group_by": group_by, "range": "last_30d"}, now=NOW)
     chosen = select(rows, NOW - timedelta(days=30), NOW)
     assert core(doc) == expected(chosen)
     keys = {(r[group_by] or "").casefold() for r in chosen}
@@ -242,7 +265,7 @@ def test_stats_group_by_name(dataset, percentile_path, group_by) -> None:
                                                 ("hour", {"since": "2026-05-10T12:00:00Z"})])
 def test_stats_group_by_time(dataset, percentile_path, group_by, args) -> None:
     path, rows = dataset
-    doc = queries.stats(path, {**args, "group_by": group_by}, PROVIDERS, now=NOW)
+    doc = queries.stats(path, {**args, "group_by": group_by}, now=NOW)
     since, until = datetime.fromisoformat(doc["since"]), datetime.fromisoformat(doc["until"])
     step = timedelta(hours=1) if group_by == "hour" else timedelta(days=1)
     start = since.replace(minute=0, second=0, microsecond=0)
@@ -269,7 +292,7 @@ def test_percentiles_of_awkward_latencies(tmp_path, percentile_path, group_by) -
     path = tmp_path / "awkward.db"
     write(path, rows, len(rows) // 3)
     args = {"range": "last_30d", **({"group_by": group_by} if group_by else {})}
-    doc = queries.stats(str(path), args, PROVIDERS, now=NOW)
+    doc = queries.stats(str(path), args, now=NOW)
     chosen = select(rows, NOW - timedelta(days=30), NOW)
     assert core(doc) == expected(chosen)
     if group_by in ("hour", "day"):
@@ -283,8 +306,9 @@ def test_percentiles_of_awkward_latencies(tmp_path, percentile_path, group_by) -
 
 
 def hand_row(rid: str, at: str, model: str | None, provider: str | None, tokens: tuple[int, int] | None,
-             cost: float | None, streaming: bool = False) -> dict[str, Any]:
-    """A row of 2026-05-10 at ``at`` (HH:MM); no tokens means a failed request."""
+             cost: float | None, dearest: float | None = None, streaming: bool = False, **extra: Any) -> dict[str, Any]:
+    """A row of 2026-05-10 at ``at`` (HH:MM); no tokens means a failed request. The cost is the rates
+    formula's unless ``extra`` says otherwise; ``dearest`` is its ``max_cost_sats``."""
     ok = tokens is not None
     return {
         "request_id": rid, "timestamp": f"2026-05-10T{at}:00.000Z", "model": model, "provider": provider,
@@ -292,82 +316,134 @@ def hand_row(rid: str, at: str, model: str | None, provider: str | None, tokens:
         "success": ok, "http_status": 200 if ok else 502, "input_tokens": tokens and tokens[0],
         "output_tokens": tokens and tokens[1], "cost_sats": cost, "latency_ms": 100, "ttft_ms": None,
         "stream_duration_ms": None, "retries": None, "error_type": None if ok else "upstream_error",
-        "error_message": None, "client_retry_count": 0,
+        "error_message": None, "client_retry_count": 0, "cached_tokens": None, "reasoning_tokens": None,
+        "cost_source": None if cost is None else "rates", "rates_cost_sats": cost, "max_cost_sats": dearest,
+        **extra,
     }
 
 
-# Each cost is what its provider's rates give: sats per 1000 input and output tokens, plus a fee per request.
-# provider-alpha 10/30/1 (gpt-4o, gpt-4o-mini), provider-beta 5/15/0.5 (gpt-4o), provider-gamma 2/40/0
-# (gpt-4o-mini); provider-retired, 1/2/0, is no longer configured. Asked: 09:30 to 12:30, so the hours
-# 09 and 12 are partial (summed from the rows), 10 and 11 whole (from the hourly tables).
+# Each rates cost is what its provider's rates give: sats per 1000 input and output tokens, plus a fee per
+# request. provider-alpha 10/30/1 (gpt-4o, gpt-4o-mini), provider-beta 5/15/0.5 (gpt-4o), provider-gamma
+# 2/40/0 (gpt-4o-mini); provider-retired is no longer configured. Each row's dearest cost is what the
+# provider of its model that charges most for its own tokens would have charged. Asked: 09:30 to 12:30,
+# so the hours 09 and 12 are partial (summed from the rows), 10 and 11 whole (from the hourly tables).
 HAND_ROWS = [
-    hand_row("before", "09:10", "gpt-4o", "provider-beta", (1000, 1000), 5 + 15 + 0.5),  # before since
-    # A: gpt-4o at beta, 1000 in, 200 out: 1000*5/1000 + 200*15/1000 + 0.5 = 5 + 3 + 0.5 = 8.5
-    hand_row("A", "09:45", "gpt-4o", "provider-beta", (1000, 200), 8.5),
-    # B: gpt-4o (as the client spelled it) at alpha, 400 in, 100 out: 4 + 3 + 1 = 8
-    hand_row("B", "10:20", "GPT-4o", "provider-alpha", (400, 100), 8.0, streaming=True),
+    hand_row("before", "09:10", "gpt-4o", "provider-beta", (1000, 1000), 5 + 15 + 0.5, 10 + 30 + 1),  # before since
+    # A: gpt-4o at beta, 1000 in (600 of them cached), 200 out: 1000*5/1000 + 200*15/1000 + 0.5 = 5 + 3 + 0.5 = 8.5;
+    #   at alpha 10 + 6 + 1 = 17, the dearest: saved 17 - 8.5 = 8.5
+    hand_row("A", "09:45", "gpt-4o", "provider-beta", (1000, 200), 8.5, 17.0, cached_tokens=600),
+    # B: gpt-4o (as the client spelled it) at alpha, 400 in, 100 out: 4 + 3 + 1 = 8, the dearest
+    #   (beta 2 + 1.5 + 0.5 = 4): saved 0
+    hand_row("B", "10:20", "GPT-4o", "provider-alpha", (400, 100), 8.0, 8.0, streaming=True),
     hand_row("failed", "10:30", "gpt-4o", "provider-beta", None, None),  # no usage, no cost
-    # G: unknown-model at provider-retired, 2000 in, 500 out: 2000*1/1000 + 500*2/1000 = 2 + 1 = 3
-    hand_row("G", "10:50", "unknown-model", "provider-retired", (2000, 500), 3.0),
-    # C: gpt-4o-mini at gamma, 1000 in, 100 out: 1000*2/1000 + 100*40/1000 + 0 = 2 + 4 = 6
-    hand_row("C", "11:05", "gpt-4o-mini", "provider-gamma", (1000, 100), 6.0),
-    # D: gpt-4o-mini at alpha, 100 in, 1000 out: 100*10/1000 + 1000*30/1000 + 1 = 1 + 30 + 1 = 32
-    hand_row("D", "12:10", "gpt-4o-mini", "provider-alpha", (100, 1000), 32.0, streaming=True),
-    hand_row("after", "12:40", "gpt-4o-mini", "provider-gamma", (1000, 1000), 2 + 40),  # at until and after
+    # G: logged before schema version 3, 3 sats: no source, no rates, no dearest cost: saves nothing
+    hand_row("G", "10:50", "unknown-model", "provider-retired", (2000, 500), 3.0, cost_source=None,
+             rates_cost_sats=None),
+    # C: gpt-4o-mini at gamma, 1000 in, 100 out (60 reasoning): 1000*2/1000 + 100*40/1000 + 0 = 2 + 4 = 6;
+    #   at alpha 10 + 3 + 1 = 14, the dearest: saved 14 - 6 = 8
+    hand_row("C", "11:05", "gpt-4o-mini", "provider-gamma", (1000, 100), 6.0, 14.0, reasoning_tokens=60),
+    # E: gpt-4o at alpha, 1000 in, 1000 out: the rates say 10 + 30 + 1 = 41 (the dearest; beta 20.5), the
+    #   provider reported 43.5: it cost 43.5, above the dearest rates, so it saved 0 (not -2.5)
+    hand_row("E", "11:40", "gpt-4o", "provider-alpha", (1000, 1000), 43.5, 41.0, cost_source="provider",
+             rates_cost_sats=41.0),
+    # D: gpt-4o-mini at alpha, 100 in, 1000 out (400 reasoning): 100*10/1000 + 1000*30/1000 + 1 = 32;
+    #   at gamma 0.2 + 40 = 40.2, the dearest: saved 40.2 - 32 = 8.2
+    hand_row("D", "12:10", "gpt-4o-mini", "provider-alpha", (100, 1000), 32.0, 40.2, streaming=True,
+             reasoning_tokens=400),
+    hand_row("after", "12:40", "gpt-4o-mini", "provider-gamma", (1000, 1000), 2 + 40, 2 + 40),  # at until and after
 ]
 HAND_RANGE = {"since": "2026-05-10T09:30:00Z", "until": "2026-05-10T12:30:00Z"}
 
 
 @pytest.mark.parametrize("rolled_up", [len(HAND_ROWS), 4, 0])
 def test_savings_by_hand(tmp_path, rolled_up) -> None:
-    """Savings: per model, what its priced requests would have cost at the configured provider that would
-    have charged most for all of them, less what they cost. Worked out here by hand, not by formula."""
+    """Savings: each row's dearest cost less what it cost, never below 0, over the rows that know both;
+    a group's savings are its rows'. Worked out here by hand, not by formula."""
     path = tmp_path / "hand.db"
     write(path, HAND_ROWS, rolled_up)
-    doc = queries.stats(str(path), HAND_RANGE, PROVIDERS, now=NOW)
-    # gpt-4o, A and B: 1400 in, 300 out, 2 requests; they cost 8.5 + 8 = 16.5.
-    #   alpha: 1400*10/1000 + 300*30/1000 + 2*1   = 14 + 9 + 2   = 25    (the dearest)
-    #   beta:  1400*5/1000  + 300*15/1000 + 2*0.5 = 7 + 4.5 + 1  = 12.5
-    #   saved 25 - 16.5 = 8.5
-    # gpt-4o-mini, C and D: 1100 in, 1100 out, 2 requests; they cost 6 + 32 = 38.
-    #   alpha: 1100*10/1000 + 1100*30/1000 + 2*1 = 11 + 33 + 2  = 46
-    #   gamma: 1100*2/1000  + 1100*40/1000 + 0   = 2.2 + 44     = 46.2  (the dearest)
-    #   saved 46.2 - 38 = 8.2 (not the 14 + 40.2 - 38 = 16.2 of each request's own dearest provider)
-    # unknown-model, G: no configured provider serves it, nothing saved.
+    doc = queries.stats(str(path), HAND_RANGE, now=NOW)
     assert doc["costs"] == {
-        "total_cost_sats": pytest.approx(8.5 + 8 + 3 + 6 + 32),
-        "total_input_tokens": 1000 + 400 + 2000 + 1000 + 100,
-        "total_output_tokens": 200 + 100 + 500 + 100 + 1000,
-        "savings_sats": pytest.approx(8.5 + 8.2),
+        "total_cost_sats": 8.5 + 8 + 3 + 6 + 43.5 + 32,  # 101
+        "total_input_tokens": 1000 + 400 + 2000 + 1000 + 1000 + 100,
+        "total_output_tokens": 200 + 100 + 500 + 100 + 1000 + 1000,
+        "total_cached_tokens": 600,
+        "total_reasoning_tokens": 60 + 400,
+        "reported_cost_sats": 43.5,  # E
+        "rates_cost_sats": 8.5 + 8 + 6 + 41 + 32,  # all but G, which predates the column
+        "savings_sats": 24.7,  # A 8.5 + B 0 + C 8 + E 0 + D 8.2; 24.700000000000003 before rounding
     }
-    assert doc["counts"] == {"total": 6, "success": 5, "error": 1, "streaming": 2}
+    assert doc["counts"] == {"total": 7, "success": 6, "error": 1, "streaming": 2}
 
-    by_model = queries.stats(str(path), {**HAND_RANGE, "group_by": "model"}, PROVIDERS, now=NOW)["groups"]
-    assert {k.casefold(): g["costs"]["savings_sats"] for k, g in by_model.items()} == {
-        "gpt-4o": pytest.approx(8.5), "gpt-4o-mini": pytest.approx(8.2), "unknown-model": 0}
-    # By provider, each group's own requests are compared, so the groups do not add up to the whole:
-    #   beta, A alone: at alpha 10 + 6 + 1 = 17, paid 8.5: saved 8.5
-    #   alpha, B and D, one model each: B at alpha 8 (beta 2 + 1.5 + 0.5 = 4), paid 8: saved 0;
-    #     D at gamma 0.2 + 40 = 40.2 (alpha 32), paid 32: saved 8.2
-    #   gamma, C alone: at alpha 10 + 3 + 1 = 14 (gamma 6), paid 6: saved 8
-    by_provider = queries.stats(str(path), {**HAND_RANGE, "group_by": "provider"}, PROVIDERS, now=NOW)["groups"]
-    assert {k: g["costs"]["savings_sats"] for k, g in by_provider.items()} == {
-        "provider-alpha": pytest.approx(0 + 8.2), "provider-beta": pytest.approx(8.5),
-        "provider-gamma": pytest.approx(8), "provider-retired": 0}
+    def savings(group_by: str) -> dict[str, float]:
+        groups = queries.stats(str(path), {**HAND_RANGE, "group_by": group_by}, now=NOW)["groups"]
+        if group_by == "hour":
+            return {g["start"][11:13]: g["costs"]["savings_sats"] for g in groups}
+        return {k.casefold(): g["costs"]["savings_sats"] for k, g in groups.items()}
+
+    assert savings("model") == {"gpt-4o": 8.5, "gpt-4o-mini": 16.2, "unknown-model": 0}  # A+B+E, C+D, G
+    assert savings("provider") == {"provider-alpha": 8.2, "provider-beta": 8.5, "provider-gamma": 8,  # B+E+D, A, C
+                                   "provider-retired": 0}
+    assert savings("hour") == {"09": 8.5, "10": 0, "11": 8, "12": 8.2}  # A, B+G, C+E, D
+
+
+def test_savings_never_negative_when_each_request_went_to_its_dearest(tmp_path) -> None:
+    """Two providers of one model, one charging only for input, the other only for output: an input-heavy
+    request served by the first and an output-heavy one by the second each paid the most that could have
+    been charged, so nothing was saved. (Comparing the two requests' tokens together with either provider
+    said -99: the 1,010 input and 1,010 output tokens would have cost 101 at either, against 200 paid.)"""
+    inputs = Provider("inputs", "http://i.test/v1", ("m",), 100, 0, 0)
+    outputs = Provider("outputs", "http://o.test/v1", ("m",), 0, 100, 0)
+
+    def served(rid: str, at: str, by: Provider, tokens: tuple[int, int]) -> dict[str, Any]:
+        # As the request path writes it: the rates formula at the provider, and at the dearest of the two.
+        return hand_row(rid, at, "m", by.name, tokens, price(by, *tokens),
+                        max(price(p, *tokens) for p in (inputs, outputs)))
+
+    rows = [served("input-heavy", "10:10", inputs, (1000, 10)), served("output-heavy", "10:20", outputs, (10, 1000))]
+    assert [(r["cost_sats"], r["max_cost_sats"]) for r in rows] == [(100, 100), (100, 100)]
+    path = tmp_path / "two.db"
+    write(path, rows, 1)
+    args = {"since": "2026-05-10T10:00:00Z", "until": "2026-05-10T11:00:00Z"}
+    assert queries.stats(str(path), args, now=NOW)["costs"]["savings_sats"] == 0
+    for group_by in ("model", "provider", "hour"):
+        groups = queries.stats(str(path), {**args, "group_by": group_by}, now=NOW)["groups"]
+        for g in groups.values() if isinstance(groups, dict) else groups:
+            assert g["costs"]["savings_sats"] == 0, group_by
+    # And in the random rows: some reported costs are above their dearest rates, and their savings clamp.
+    assert any(r["cost_sats"] > r["max_cost_sats"] for r in make_rows() if r["max_cost_sats"] is not None)
+
+
+def test_costs_show_msat_precision(tmp_path) -> None:
+    """Every cost in /v1/stats and /v1/requests has at most 3 decimals, as sums of floats do not."""
+    rows = [hand_row(f"r{i}", f"10:{10 + i}", "gpt-4o", "provider-beta", (1, 1), cost, cost + 0.1234567,
+                     rates_cost_sats=cost + 0.0004)
+            for i, cost in enumerate((0.1, 0.2, 0.268))]
+    assert 0.1 + 0.2 + 0.268 == 0.5680000000000001
+    path = tmp_path / "round.db"
+    write(path, rows, 1)
+    args = {"since": "2026-05-10T10:00:00Z", "until": "2026-05-10T11:00:00Z"}
+    costs = queries.stats(str(path), args, now=NOW)["costs"]
+    assert (costs["total_cost_sats"], costs["rates_cost_sats"], costs["savings_sats"]) == (0.568, 0.569, 0.37)
+    listed = queries.list_requests(str(path), {**args, "sort": "cost_sats", "order": "asc"}, now=NOW)["data"]
+    assert [(r["cost_sats"], r["rates_cost_sats"], r["max_cost_sats"]) for r in listed] == [
+        (0.1, 0.1, 0.223), (0.2, 0.2, 0.323), (0.268, 0.268, 0.391)]
+    for doc in (queries.stats(str(path), {**args, "group_by": "hour"}, now=NOW), listed):
+        for number in re.findall(r"\d+\.\d+", json.dumps(doc)):
+            assert len(number.partition(".")[2]) <= 3, number
 
 
 def test_stats_of_nothing(dataset, tmp_path) -> None:
     path, _ = dataset
     empty = expected([])
-    doc = queries.stats(path, {"since": "2001-01-01T00:00:00Z", "until": "2001-01-02T00:00:00Z"}, PROVIDERS)
+    doc = queries.stats(path, {"since": "2001-01-01T00:00:00Z", "until": "2001-01-02T00:00:00Z"})
     assert core(doc) == empty and doc["performance"]["p50_latency_ms"] is None
     missing = tmp_path / "none" / "arbstr.db"
-    assert core(queries.stats(str(missing), {"group_by": "model"}, PROVIDERS)) == empty
-    assert queries.stats(str(missing), {"group_by": "model"}, PROVIDERS)["groups"] == {}
+    assert core(queries.stats(str(missing), {"group_by": "model"})) == empty
+    assert queries.stats(str(missing), {"group_by": "model"})["groups"] == {}
     assert not missing.exists() and not missing.parent.exists()  # reading never creates the log
     blank = tmp_path / "blank.db"
     sqlite3.connect(blank).close()  # exists, but the writer has not applied the schema yet
-    assert core(queries.stats(str(blank), {}, PROVIDERS)) == empty
+    assert core(queries.stats(str(blank), {})) == empty
     assert queries.list_requests(str(blank), {})["total"] == 0
     assert queries.get_request(str(blank), "x") is None
 
@@ -383,7 +459,7 @@ def test_stats_of_nothing(dataset, tmp_path) -> None:
 ])
 def test_stats_rejects_bad_parameters(dataset, args, param, accepted) -> None:
     with pytest.raises(ArbstrError) as err:
-        queries.stats(dataset[0], args, PROVIDERS, now=NOW)
+        queries.stats(dataset[0], args, now=NOW)
     assert (err.value.status, err.value.param, err.value.code) == (400, param, "invalid_parameter")
     assert param in err.value.message
     assert all(a in err.value.message for a in accepted)
@@ -462,16 +538,21 @@ def test_list_past_the_end_and_row_shape(dataset) -> None:
         "request_id": err_row["request_id"], "timestamp": err_row["timestamp"], "model": err_row["model"],
         "provider": err_row["provider"], "policy": err_row["policy"], "streaming": err_row["streaming"],
         "status": "error", "success": False, "http_status": err_row["http_status"],
-        "tokens": {"input": None, "output": None}, "cost_sats": None,
+        "tokens": {"input": None, "output": None, "cached": None, "reasoning": None}, "cost_sats": None,
+        "cost_source": None, "rates_cost_sats": None, "max_cost_sats": None,
         "timing": {"latency_ms": err_row["latency_ms"], "ttft_ms": None,
                    "stream_duration_ms": err_row["stream_duration_ms"]},
         "retries": err_row["retries"], "error": {"type": "upstream_error", "message": "upstream said no"},
     }
-    ok_row = next(r for r in rows if r["streaming"] and r["success"] and r["cost_sats"] is not None)
+    ok_row = next(r for r in rows if r["streaming"] and r["success"] and r["cost_source"] == "provider"
+                  and r["cached_tokens"] and r["reasoning_tokens"])
     got = queries.get_request(path, ok_row["request_id"])
     assert got["error"] is None and got["streaming"] is True and got["status"] == "complete"
-    assert got["tokens"] == {"input": ok_row["input_tokens"], "output": ok_row["output_tokens"]}
-    assert got["cost_sats"] == ok_row["cost_sats"] and got["timing"]["ttft_ms"] == ok_row["ttft_ms"]
+    assert got["tokens"] == {"input": ok_row["input_tokens"], "output": ok_row["output_tokens"],
+                             "cached": ok_row["cached_tokens"], "reasoning": ok_row["reasoning_tokens"]}
+    assert got["timing"]["ttft_ms"] == ok_row["ttft_ms"]
+    assert (got["cost_sats"], got["cost_source"], got["rates_cost_sats"], got["max_cost_sats"]) == (
+        msat(ok_row["cost_sats"]), "provider", msat(ok_row["rates_cost_sats"]), msat(ok_row["max_cost_sats"]))
     assert queries.get_request(path, "no-such-id") is None
 
 

@@ -23,11 +23,17 @@ def cfg(tmp_path: Path) -> Config:
     conn = logdb.open_writer(str(path))
     with logdb.transaction(conn):
         for i in range(150):
+            ok = bool(i % 10)
+            rates = (1000 * 5 + (100 + i) * 15) / 1000 + 0.5  # at provider-beta
             logdb.apply_op(conn, ("insert", {
                 "request_id": f"req-{i:03d}", "timestamp": utc_timestamp() if i else "2001-01-01T00:00:00.000Z",
-                "model": "gpt-4o", "provider": "provider-beta", "status": "ok" if i % 10 else "error",
-                "success": bool(i % 10), "streaming": False, "input_tokens": 1000, "output_tokens": 100 + i,
-                "cost_sats": (1000 * 5 + (100 + i) * 15) / 1000 + 0.5, "latency_ms": 100 + i,
+                "model": "gpt-4o", "provider": "provider-beta", "status": "ok" if ok else "error",
+                "success": ok, "streaming": False, "input_tokens": 1000, "output_tokens": 100 + i,
+                "cached_tokens": 250, "reasoning_tokens": 40, "cost_sats": rates + 0.0625 if i % 2 else rates,
+                "cost_source": "provider" if i % 2 else "rates", "rates_cost_sats": rates,
+                "max_cost_sats": (1000 * 10 + (100 + i) * 30) / 1000 + 1,  # at provider-alpha
+                "latency_ms": 100 + i, "retries": None if ok else "1/provider-beta",
+                "error_type": None if ok else "upstream_error",
             }), "test")
     conn.close()
     return Config(providers=PROVIDERS, database=DatabaseConfig(path=str(path)))
@@ -37,12 +43,20 @@ def test_stats_table_and_json_agree_with_the_api(cfg: Config) -> None:
     out = io.StringIO()
     assert report.run_stats(cfg, "last_24h", "model", out=out) == 0
     text = out.getvalue()
-    doc = queries.stats(cfg.database.path, {"range": "last_24h", "group_by": "model"}, PROVIDERS)
+    doc = queries.stats(cfg.database.path, {"range": "last_24h", "group_by": "model"})
     errors = sum(1 for i in range(1, 150) if i % 10 == 0)  # row 0 is older than 24 h
     assert "149 total" in text and f"{149 - errors} ok" in text and f"{errors} errors" in text
-    assert f"{doc['costs']['total_cost_sats']:,.2f} sats" in text
+    costs = doc["costs"]
+    assert costs["reported_cost_sats"] and costs["reported_cost_sats"] < costs["total_cost_sats"]
+    for key in ("total_cost_sats", "reported_cost_sats", "rates_cost_sats", "savings_sats"):
+        assert f"{costs[key]:,.3f}" in text, key  # 3 decimals, like the API
+    assert f"{149 * 250:,} cached" in text and f"{149 * 40:,} reasoning" in text
     header, row = text.splitlines()[-2:]
     assert header.split()[:3] == ["GROUP", "REQUESTS", "ERRORS"] and row.split()[:3] == ["gpt-4o", "149", str(errors)]
+    cells = dict(zip(header.split(), row.split(), strict=True))
+    assert (cells["REPORTED"], cells["AT_RATES"], cells["SAVED_SATS"], cells["CACHED"], cells["REASONING"]) == (
+        f"{costs['reported_cost_sats']:,.3f}", f"{costs['rates_cost_sats']:,.3f}", f"{costs['savings_sats']:,.3f}",
+        f"{149 * 250:,}", f"{149 * 40:,}")
     assert len(header) == len(row)  # aligned columns
     out = io.StringIO()
     assert report.run_stats(cfg, "last_24h", "model", as_json=True, out=out) == 0
@@ -62,6 +76,18 @@ def test_requests_table_pages_past_the_api_limit(cfg: Config) -> None:
     lines = out.getvalue().splitlines()
     assert lines[0].split()[:3] == ["TIME", "(UTC)", "MODEL"] and len(lines) == 4
     assert len({line.index("req-") for line in lines[1:]}) == 1  # the id column lines up
+    by_id = {r["request_id"]: r for r in got["data"]}
+    header = lines[0].replace("TIME (UTC)", "TIME")
+    assert header.split()[-4:] == ["LATENCY_MS", "ERROR", "RETRIES", "REQUEST_ID"]
+    for line in lines[1:]:
+        cells = dict(zip(header.split(), line.split()[1:], strict=True))  # the time is two words
+        r = by_id[cells["REQUEST_ID"]]
+        assert cells["COST_SATS"] == f"{r['cost_sats']:,.3f}"
+        assert (cells["ERROR"], cells["RETRIES"]) == ("-", "-")
+    out = io.StringIO()
+    assert report.run_requests(cfg, limit=10, out=out) == 0  # the newest error is req-140
+    failed = next(line for line in out.getvalue().splitlines() if "req-140" in line)
+    assert failed.split()[-3:] == ["upstream_error", "1/provider-beta", "req-140"]
 
 
 def test_errors_go_to_stderr_with_exit_1(cfg: Config, capsys: pytest.CaptureFixture[str]) -> None:

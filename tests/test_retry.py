@@ -269,12 +269,39 @@ def test_invalid_body_falls_back_without_retry(env: Env) -> None:
 
 
 @pytest.mark.parametrize("status", [401, 402, 403])
-def test_key_rejected_falls_back_without_retry_and_is_neutral(env: Env, status: int) -> None:
+def test_key_and_balance_faults_fall_back_without_retry_and_are_neutral(env: Env, status: int) -> None:
     script = Script({"provider-alpha": [http(status)], "provider-beta": [ok()]})
     out = env.run(script)
     assert script.order() == ["provider-alpha", "provider-beta"]
     assert out.provider is BETA
     assert snap(env, "provider-alpha")["failure_count"] == 0
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_rejected_key_is_never_used_again(env: Env, status: int) -> None:
+    out = env.run(Script({"provider-alpha": [http(status)], "provider-beta": [ok()]}))
+    assert out.provider is BETA
+    assert snap(env, "provider-alpha")["key_rejected"] == f"HTTP {status} upstream said {status}"
+    assert not env.breakers.is_available("provider-alpha") and env.breakers.acquire("provider-alpha") is None
+    script = Script({"provider-beta": [ok()]})
+    assert env.run(script).provider is BETA and script.order() == ["provider-beta"]
+
+
+def test_when_every_balance_ran_out_the_error_says_so(env: Env) -> None:
+    out = env.run(Script({"provider-alpha": [http(402)], "provider-beta": [http(402)], "provider-gamma": [http(402)]}))
+    assert out.error.status == 502 and out.error.code == "insufficient_balance"
+    assert "balance ran out" in out.error.message
+    for name in ("provider-alpha", "provider-beta", "provider-gamma"):
+        assert f"{name}: insufficient_balance HTTP 402" in out.error.message
+
+
+def test_the_final_error_names_each_providers_complaint(env: Env) -> None:
+    out = env.run(Script({"provider-alpha": [http(500), http(500), http(500)], "provider-beta": [http(402)],
+                          "provider-gamma": [read_timeout()]}))
+    assert out.error.code == "upstream_failed"
+    assert out.error.message == ("All providers failed. provider-alpha: server_error HTTP 500 upstream said 500; "
+                                 "provider-beta: insufficient_balance HTTP 402 upstream said 402; "
+                                 "provider-gamma: read_failed read timeout")
 
 
 @pytest.mark.parametrize("status", [400, 409, 413, 422])
@@ -350,7 +377,7 @@ def test_without_hold_the_chain_records_the_success_itself(env: Env) -> None:
     out = env.run(Script({"provider-alpha": [ok()]}), hold=False)
     assert out.permit is None and out.provider is ALPHA
     assert snap(env, "provider-alpha") | {"last_error": None} == {
-        "state": "closed", "failure_count": 0, "opened_at": None, "last_error": None}
+        "state": "closed", "failure_count": 0, "opened_at": None, "last_error": None, "key_rejected": None}
 
 
 # --- Retry-After ----------------------------------------------------------------------------------

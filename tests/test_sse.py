@@ -341,11 +341,14 @@ def test_has_no_content(chunk_obj: dict) -> None:
 
 
 def test_is_usage_only() -> None:
+    """Usage and no choice: ``choices`` empty, null or absent (SPEC §6.2)."""
     usage = {"prompt_tokens": 1, "completion_tokens": 2}
     assert is_usage_only({"choices": [], "usage": usage})
+    assert is_usage_only({"choices": None, "usage": usage})
+    assert is_usage_only({"usage": usage})
     assert not is_usage_only({"choices": [{"delta": {}}], "usage": usage})
     assert not is_usage_only({"choices": [], "usage": None})
-    assert not is_usage_only({"usage": usage})
+    assert not is_usage_only({"choices": []})
 
 
 def test_data_event_is_one_compact_utf8_event() -> None:

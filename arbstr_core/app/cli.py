@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 from typing import TextIO
@@ -11,6 +12,8 @@ from typing import TextIO
 from ..config import Config, split_listen
 from ..errors import ConfigError
 from ..reads import report
+from ..request.market import Market
+from ..request.upstream import Upstream
 from . import startup
 from .factory import load_config
 
@@ -54,12 +57,20 @@ def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_providers(args: argparse.Namespace, out: TextIO) -> int:
+    """The configured providers; those with ``discover = true`` are asked for their prices and balance now
+    (the only command that contacts providers)."""
     config = _config(args)
-    rows = [("NAME", "MODELS", "IN/1k", "OUT/1k", "FEE", "KEY", "KEY SOURCE")]
-    for p in config.providers:
+    market = Market(config.providers, functools.partial(Upstream().get_json, timeout=config.server.connect_timeout_secs),
+                    refresh_secs=config.market.refresh_secs, min_balance_sats=config.market.min_balance_sats)
+    market.refresh()
+    rows = [("NAME", "MODELS", "IN/1k", "CACHED/1k", "OUT/1k", "FEE", "PRICES", "BALANCE", "KEY", "KEY SOURCE")]
+    for p in market.providers():
         key = p.api_key.masked() if p.api_key is not None else "-"
-        rows.append((p.name, ", ".join(p.models), f"{p.input_rate:g}", f"{p.output_rate:g}", f"{p.base_fee:g}",
-                     key, p.key_source))
+        live = market.snapshot(p.name)
+        prices = live["prices"]["source"] + (" (refresh failed)" if live["prices"]["error"] else "")
+        balance = "-" if live["balance_sats"] is None else f"{live['balance_sats']:.3f} sats"
+        rows.append((p.name, ", ".join(p.models) or "-", f"{p.input_rate:g}", f"{p.cached_rate:g}",
+                     f"{p.output_rate:g}", f"{p.base_fee:g}", prices, balance, key, p.key_source))
     print_table(rows, out)
     return 0
 

@@ -41,6 +41,7 @@ def create_app(config: Config | None = None, upstream: Upstream | None = None) -
     state = build_state(config, upstream)
     setup_logging(config, state.scrub)
     startup.check_worker(config)
+    state.market.start()  # in the worker, after fork; the first refresh does not delay any request
     app = Flask("arbstr")
     app.config["MAX_CONTENT_LENGTH"] = config.server.max_body_bytes
     app.json.sort_keys = False
@@ -62,6 +63,7 @@ def _register_hooks(app: Flask, state: AppState) -> None:
     @app.before_request
     def _before() -> None:
         state.logstore.start()
+        state.market.start()
         if request.path == routes.CHAT_PATH:
             g.chat = ChatRequest(state, request)  # first: every answer on the route, errors too, has its row
         if token is not None and request.path != "/health":

@@ -25,18 +25,18 @@ def register(app: Flask, state: AppState) -> None:
 
     @app.get("/v1/models")
     def models() -> Response:
-        seen = dict.fromkeys(m for p in config.providers for m in p.models)
+        seen = dict.fromkeys(m for p in state.market.providers() for m in p.models)
         return jsonify({"object": "list", "data": [
             {"id": m, "object": "model", "created": 0, "owned_by": "arbstr"} for m in seen]})
 
     @app.post("/v1/cost")
     def estimate() -> Response:
         body = parse_body(request.get_data(cache=False))
-        policy, candidates = plan(state, body, request.headers.get("X-Arbstr-Policy"))
+        policy, candidates, _ = plan(state, body, request.headers.get("X-Arbstr-Policy"))
         provider = candidates[0]
         input_tokens, output_tokens = costs.estimate_tokens(body)
         try:
-            estimate = costs.cost_sats(provider, input_tokens, output_tokens)
+            estimate = costs.estimate_sats(provider, input_tokens, output_tokens)
         except OverflowError:
             estimate = math.inf
         if not math.isfinite(estimate):  # would be a 500, or `Infinity`, which is not JSON
@@ -47,24 +47,28 @@ def register(app: Flask, state: AppState) -> None:
             "policy": policy.name if policy else None,
             "estimated_input_tokens": input_tokens,
             "estimated_output_tokens": output_tokens,
-            "estimated_cost_sats": estimate,
+            "estimated_cost_sats": round(estimate, 3),
             "rates": {"input_rate": provider.input_rate, "output_rate": provider.output_rate,
-                      "base_fee": provider.base_fee},
+                      "base_fee": provider.base_fee, "cached_input_rate": provider.cached_rate},
         })
 
     @app.get("/providers")
     def providers() -> Response:
         circuits = state.breakers.snapshot()
-        return jsonify({"providers": [provider_info(p, circuits[p.name]) for p in config.providers]})
+        return jsonify({"providers": [
+            provider_info(p, circuits[p.name]) | state.market.snapshot(p.name) for p in config.providers]})
 
     @app.get("/health")
     def health() -> tuple[Response, int]:
         circuits = state.breakers.snapshot()
+        for name, circuit in circuits.items():
+            circuit["balance_low"] = state.market.balance_low(name)  # never the amount: /health is open
         store = state.logstore.health()
-        states = [c["state"] for c in circuits.values()]
-        if states and all(s == "open" for s in states):
+        down = [c["state"] == "open" or c["key_rejected"] is not None for c in circuits.values()]
+        if down and all(down):
             status = "unhealthy"
-        elif any(s != "closed" for s in states) or state.logstore.degraded():
+        elif any(c["state"] != "closed" or c["key_rejected"] or c["balance_low"] for c in circuits.values()) \
+                or state.logstore.degraded():
             status = "degraded"
         else:
             status = "ok"
@@ -80,7 +84,9 @@ def provider_info(p: Any, circuit: dict[str, Any]) -> dict[str, Any]:
         "input_rate": p.input_rate,
         "output_rate": p.output_rate,
         "base_fee": p.base_fee,
+        "cached_input_rate": p.cached_rate,
         "key_source": p.key_source,
         "api_key": p.api_key.masked() if p.api_key is not None else None,
         "circuit": {"state": circuit["state"], "failure_count": circuit["failure_count"]},
+        "key_rejected": circuit["key_rejected"] is not None,
     }

@@ -29,22 +29,39 @@ COLUMNS = (
     "request_id", "timestamp", "model", "provider", "policy", "streaming", "status", "success",
     "http_status", "input_tokens", "output_tokens", "cost_sats", "latency_ms", "ttft_ms",
     "stream_duration_ms", "retries", "error_type", "error_message", "client_retry_count",
+    "cached_tokens", "reasoning_tokens", "cost_source", "rates_cost_sats", "max_cost_sats",
 )
 _COLSET = frozenset(COLUMNS)
 _warned: set[str] = set()
 
-# Statements that bring an existing database from version N-1 to N; they run before schema.sql.
+# Statements that bring an existing database from version N-1 to N; they run before schema.sql, and
+# after them (and schema.sql) the hourly tables are totalled from every row again, in the same
+# transaction, so a migrated database is consistent the moment it commits.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     # 2: the insert trigger gives way to roll_up, the other triggers come back with a WHEN guard,
     # cost_sats is indexed hour by hour, latencies are counted in bands. schema.sql then creates the
-    # new tables and indexes (a few seconds on a million rows) and the writer's first transaction
-    # totals every row again (a few more).
+    # new tables and indexes (a few seconds on a million rows), and every row is totalled again.
     2: (
         "DROP TRIGGER IF EXISTS requests_hourly_insert",
         "DROP TRIGGER IF EXISTS requests_hourly_update",
         "DROP TRIGGER IF EXISTS requests_hourly_delete",
         "DROP INDEX IF EXISTS idx_requests_cost",
         "DROP TABLE IF EXISTS requests_hourly",
+    ),
+    # 3: what providers charged, cached and reasoning tokens, savings per row: five columns (NULL in the
+    # rows written before; ADD COLUMN only rewrites the schema, not the rows), and new sums in the hourly
+    # totals, so their table and the triggers that spell them are made again, and the totals with them.
+    3: (
+        "ALTER TABLE requests ADD COLUMN cached_tokens INTEGER",
+        "ALTER TABLE requests ADD COLUMN reasoning_tokens INTEGER",
+        "ALTER TABLE requests ADD COLUMN cost_source TEXT",
+        "ALTER TABLE requests ADD COLUMN rates_cost_sats REAL",
+        "ALTER TABLE requests ADD COLUMN max_cost_sats REAL",
+        "DROP TRIGGER IF EXISTS requests_hourly_update",
+        "DROP TRIGGER IF EXISTS requests_hourly_delete",
+        "DROP TABLE IF EXISTS requests_hourly",
+        "DROP TABLE IF EXISTS requests_latency_hourly",
+        "DROP TABLE IF EXISTS rollup_state",
     ),
 }
 
@@ -113,7 +130,8 @@ def apply_schema(conn: sqlite3.Connection, script: str) -> int:
     """Bring the database to the script's version; return the version it is at.
 
     Runs at every start in every worker: the script is idempotent and the version is read under the
-    write lock, so concurrent starts migrate once. A newer database is left alone.
+    write lock, so concurrent starts migrate once. A newer database is left alone. A migration ends by
+    totalling every row into the hourly tables again (MIGRATIONS), in its transaction.
     """
     target = schema_version(script)
     with transaction(conn):
@@ -121,11 +139,16 @@ def apply_schema(conn: sqlite3.Connection, script: str) -> int:
         if current > target:
             log.warning("request log has schema version %d, newer than this arbstr's %d; left as is", current, target)
             return current
-        for version in range(current + 1, target + 1) if current else ():
+        migrating = 0 < current < target
+        if migrating:
+            log.info("request log: upgrading schema version %d to %d", current, target)
+        for version in range(current + 1, target + 1) if migrating else ():
             for stmt in MIGRATIONS.get(version, ()):
                 conn.execute(stmt)
         for stmt in statements(script):
             conn.execute(stmt)
+        if migrating:
+            _refold(conn)
     return target
 
 
@@ -313,8 +336,9 @@ class Sum(NamedTuple):
 # over the newest rows (reads/queries.py), and the totals they fill (reads/aggregate.py Totals) all
 # follow this table. schema.sql's update and delete triggers spell the same sums per row, in this order
 # (tests/test_logstore.py checks them against it); a new sum needs a column, trigger terms and a
-# migration there too. Token sums for savings count rows with a known cost only; latency and ttft sums
-# count successful rows only.
+# migration there too. Savings are each row's own (SPEC §2.3): what the dearest provider that could have
+# served it would have charged for its usage, less what it cost, never below 0, over rows where both are
+# known. Latency and ttft sums count successful rows only.
 SUMS = (
     Sum("total", "COUNT(*)", int),
     Sum("success", "TOTAL(success = 1)", int),
@@ -322,10 +346,15 @@ SUMS = (
     Sum("ok_streaming", "TOTAL(success = 1 AND streaming = 1)", int),
     Sum("input_tokens", "TOTAL(input_tokens)", int),
     Sum("output_tokens", "TOTAL(output_tokens)", int),
+    Sum("cached_tokens", "TOTAL(cached_tokens)", int),
+    Sum("reasoning_tokens", "TOTAL(reasoning_tokens)", int),
     Sum("cost_sats", "TOTAL(cost_sats)", float),
     Sum("costed", "COUNT(cost_sats)", int),
-    Sum("costed_input", "TOTAL(IIF(cost_sats IS NULL, 0, input_tokens))", int),
-    Sum("costed_output", "TOTAL(IIF(cost_sats IS NULL, 0, output_tokens))", int),
+    Sum("reported_cost_sats", "TOTAL(IIF(cost_source = 'provider', cost_sats, 0))", float),
+    Sum("rates_cost_sats", "TOTAL(rates_cost_sats)", float),
+    Sum("rates_n", "COUNT(rates_cost_sats)", int),
+    Sum("savings_sats", "TOTAL(MAX(max_cost_sats - cost_sats, 0))", float),
+    Sum("savings_n", "COUNT(max_cost_sats - cost_sats)", int),
     Sum("latency_sum", "TOTAL(IIF(success = 1, latency_ms, 0))", float),
     Sum("latency_n", "COUNT(IIF(success = 1, latency_ms, NULL))", int),
     Sum("ttft_sum", "TOTAL(IIF(success = 1, ttft_ms, 0))", float),
@@ -361,7 +390,12 @@ def roll_up(conn: sqlite3.Connection) -> None:
 def rebuild_rollup(conn: sqlite3.Connection) -> None:
     """Recompute the hourly tables from every row (after a bulk load, or to check the kept totals)."""
     with transaction(conn):
-        conn.execute("DELETE FROM requests_hourly")
-        conn.execute("DELETE FROM requests_latency_hourly")
-        conn.execute("UPDATE rollup_state SET upto = 0")
-        roll_up(conn)
+        _refold(conn)
+
+
+def _refold(conn: sqlite3.Connection) -> None:
+    """Empty the hourly tables and fold every row in again; call inside a write transaction."""
+    conn.execute("DELETE FROM requests_hourly")
+    conn.execute("DELETE FROM requests_latency_hourly")
+    conn.execute("UPDATE rollup_state SET upto = 0")
+    roll_up(conn)

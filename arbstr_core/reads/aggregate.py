@@ -1,13 +1,14 @@
-"""The arithmetic of /v1/stats on plain values: totals, savings, percentile ranks, time buckets.
+"""The arithmetic of /v1/stats on plain values: totals, percentile ranks, time buckets, costs as shown.
 
-Kept apart from the SQL in :mod:`arbstr_core.reads.queries` so the definitions (nearest rank, what savings
-means, which buckets a range has) are stated in one place, whichever source the sums come from.
+Kept apart from the SQL in :mod:`arbstr_core.reads.queries` so the definitions (nearest rank, which
+buckets a range has, how a cost is rounded) are stated in one place, whichever source the sums come
+from. What a sum adds up, savings included, is declared with the sums (log/db.py SUMS).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -18,8 +19,6 @@ from ..log.db import SUMS
 PERCENTILES = (50, 95, 99)
 NONE_KEY = "(none)"  # group key of rows without a model, provider or policy
 MAX_BUCKETS = 10000  # a year of hours; more is a mistake, not a chart
-
-Rates = Mapping[str, Sequence[tuple[float, float, float]]]  # model (case-folded) → (input, output, fee) each
 
 
 def percentile_ranks(n: int) -> list[int]:
@@ -48,11 +47,12 @@ def bucket_starts(since: datetime, until: datetime, group_by: str) -> list[datet
     return [start + i * step for i in range(count)]
 
 
-# The sums savings needs model by model (columns of log/db.py SUMS), in the order Totals.per_model keeps them,
-# and where they stand in a row of SUMS.
-_PER_MODEL = ("costed", "costed_input", "costed_output", "cost_sats")
-_PER_MODEL_AT = tuple([s.column for s in SUMS].index(column) for column in _PER_MODEL)
 _KINDS = tuple((s.column, s.kind) for s in SUMS)
+
+
+def sats(v: float | None) -> float | None:
+    """A cost as JSON shows it (SPEC §2.3): msat precision, 3 decimals (no 0.5680000000000001), never -0.0."""
+    return None if v is None else round(v, 3) + 0.0
 
 
 def _zeros() -> dict[str, float]:
@@ -65,22 +65,16 @@ class Totals:
 
     label: str = ""
     sums: dict[str, float] = field(default_factory=_zeros)
-    # model (case-folded) → its rows' _PER_MODEL sums: rows with a known cost, their input and output tokens, cost
-    per_model: dict[str, list[float]] = field(default_factory=dict)
     # latency band (its lower edge, schema.sql latency_bands) → successful latencies in it
     bands: dict[int, int] = field(default_factory=dict)
     percentiles: list[Any] = field(default_factory=lambda: [None, None, None])
 
-    def add(self, model: str | None, values: Sequence[Any]) -> None:
-        """Add sums over rows of ``model``, in SUMS order: a row of either source in queries.py."""
+    def add(self, values: Sequence[Any]) -> None:
+        """Add sums over rows, in SUMS order: a row of either source in queries.py."""
         sums = self.sums
         for (column, kind), v in zip(_KINDS, values, strict=True):
             if v is not None:
                 sums[column] += kind(v)
-        if values[_PER_MODEL_AT[0]]:  # rows with a known cost
-            acc = self.per_model.setdefault((model or "").casefold(), [0, 0, 0, 0.0])
-            for i, at in enumerate(_PER_MODEL_AT):
-                acc[i] += values[at] or 0
 
     def add_band(self, lo: int, n: int) -> None:
         self.bands[lo] = self.bands.get(lo, 0) + n
@@ -91,10 +85,6 @@ class Totals:
         for p in parts:
             for column, v in p.sums.items():
                 out.sums[column] += v
-            for model, sums in p.per_model.items():
-                acc = out.per_model.setdefault(model, [0, 0, 0, 0.0])
-                for i, v in enumerate(sums):
-                    acc[i] += v
             for lo, n in p.bands.items():
                 out.add_band(lo, n)
         return out
@@ -110,18 +100,12 @@ class Totals:
         both = ok_streams if success else streams - ok_streams  # streams that are (not) ok
         return both if streaming else ok - both
 
-    def savings(self, rates: Rates) -> float:
-        """Per model: what its costed requests would have cost at the provider that charges most for them,
-        minus what they cost. Models no configured provider serves any more are left out."""
-        saved = 0.0
-        for model, (n, cin, cout, cost) in self.per_model.items():
-            serving = rates.get(model)
-            if serving and n:
-                saved += max((cin * i + cout * o) / 1000 + n * fee for i, o, fee in serving) - cost
-        return saved
+    def document(self) -> dict[str, Any]:
+        """The ``counts``/``costs``/``performance`` part of SPEC §4.7.
 
-    def document(self, rates: Rates) -> dict[str, Any]:
-        """The ``counts``/``costs``/``performance`` part of SPEC §4.7."""
+        ``savings_sats`` adds up each row's own savings (log/db.py SUMS): rows whose cost or
+        ``max_cost_sats`` is unknown (rows logged before schema version 3 among them) add nothing.
+        """
         p50, p95, p99 = self.percentiles
         s = self.sums
         return {
@@ -132,10 +116,14 @@ class Totals:
                 "streaming": s["streaming"],
             },
             "costs": {
-                "total_cost_sats": float(s["cost_sats"]),
+                "total_cost_sats": sats(s["cost_sats"]),
                 "total_input_tokens": s["input_tokens"],
                 "total_output_tokens": s["output_tokens"],
-                "savings_sats": float(self.savings(rates)),
+                "total_cached_tokens": s["cached_tokens"],
+                "total_reasoning_tokens": s["reasoning_tokens"],
+                "reported_cost_sats": sats(s["reported_cost_sats"]),
+                "rates_cost_sats": sats(s["rates_cost_sats"]),
+                "savings_sats": sats(s["savings_sats"]),
             },
             "performance": {
                 "avg_latency_ms": s["latency_sum"] / s["latency_n"] if s["latency_n"] else None,

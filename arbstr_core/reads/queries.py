@@ -12,8 +12,8 @@ partial hours at the edges of the range, and rows newer than those tables, are s
 Choices where SPEC is silent: latency averages and percentiles cover successful requests (an instant
 400 or a 30 s timeout says nothing about speed); percentiles are nearest-rank; unknown costs and
 latencies sort last in either order; grouped rows with no model/provider/policy are keyed
-``"(none)"``; savings compare, per model, against the configured provider that would have charged
-the most for those same requests (rows with a known cost only).
+``"(none)"``. Savings add up each row's own (log/db.py SUMS), so a group's savings are its rows',
+whatever the providers configured now. Costs are shown with msat precision (:func:`.aggregate.sats`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from ..errors import ArbstrError
 from ..log.db import BAND_OF_LATENCY, COLUMNS, KEY_OF_ROW, ROW_SUMS, SUMS, TIMED_OK_UNINDEXED, expected_version
 from ..timefmt import format_utc
 from . import costorder, percentiles
-from .aggregate import NONE_KEY, PERCENTILES, Totals, bucket_starts, group_key
+from .aggregate import NONE_KEY, PERCENTILES, Totals, bucket_starts, group_key, sats
 from .args import Filters, Where, parse_list_args, parse_stats_args
 
 # Percentiles of at most SMALL_SET latencies, or of 1/SORT_SHARE of the table, are sorted in Python
@@ -103,7 +103,7 @@ def _hour_floor(dt: datetime) -> datetime:
 
 
 def _add_sums(t: Totals, row: Sequence[Any]) -> None:
-    t.add(row[1], row[2:])
+    t.add(row[1:])
 
 
 def _add_band(t: Totals, row: Sequence[Any]) -> None:
@@ -112,12 +112,11 @@ def _add_band(t: Totals, row: Sequence[Any]) -> None:
 
 # Per group (``key``): sums, then latency bands; from the hourly tables, and from the rows themselves.
 _FROM_ROLLUP = (
-    (f"SELECT {{key}}, model, {_ROLLUP_SUMS} FROM requests_hourly WHERE {{cond}} GROUP BY 1, 2", _add_sums),
+    (f"SELECT {{key}}, {_ROLLUP_SUMS} FROM requests_hourly WHERE {{cond}} GROUP BY 1", _add_sums),
     ("SELECT {key}, band, SUM(n) FROM requests_latency_hourly WHERE {cond} GROUP BY 1, 2", _add_band),
 )
 _FROM_ROWS = (
-    (f"SELECT {{key}}, {KEY_OF_ROW['model']}, {ROW_SUMS} FROM {{source}} WHERE {{cond}} GROUP BY 1, 2",
-     _add_sums),
+    (f"SELECT {{key}}, {ROW_SUMS} FROM {{source}} WHERE {{cond}} GROUP BY 1", _add_sums),
     (f"SELECT {{key}}, {BAND_OF_LATENCY}, COUNT(*) FROM {{source}} WHERE {{cond}} AND {TIMED_OK_UNINDEXED} GROUP BY 1, 2", _add_band),
 )
 
@@ -192,12 +191,16 @@ def _group_where(f: Filters, group_by: str, key: str) -> Where:
 
 
 def stats(
-    db_path: str, args: Mapping[str, str], providers: Sequence[Provider], now: datetime | None = None
+    db_path: str, args: Mapping[str, str], providers: Sequence[Provider] | None = None, now: datetime | None = None
 ) -> dict[str, Any]:
-    """The /v1/stats document (SPEC §4.7); zeros when nothing was logged yet."""
+    """The /v1/stats document (SPEC §4.7); zeros when nothing was logged yet.
+
+    ``providers`` is not read: savings come from the rows (each row's ``max_cost_sats``, set when it was
+    written), not from the providers configured now. It stays for the callers that still pass it.
+    """
+    del providers
     f, group_by = parse_stats_args(args, now)
     starts = bucket_starts(f.since, f.until, group_by) if group_by in ("hour", "day") else []
-    rates = _rates(providers)
     result: dict[str, Any] = {"since": format_utc(f.since), "until": format_utc(f.until)}
     totals: dict[str, Totals] = {}
     overall = Totals()
@@ -209,27 +212,18 @@ def stats(
             overall.percentiles = _percentiles(conn, f.where(), overall, table_rows)
             for t in totals.values() if group_by else ():
                 t.percentiles = _bucket_percentiles(conn, f, group_by, t, table_rows)
-    result.update(overall.document(rates))
+    result.update(overall.document())
     if group_by in ("hour", "day"):
         result["groups"] = [
-            {"start": format_utc(s), **totals.get(_bucket_label(s, group_by), Totals()).document(rates)} for s in starts
+            {"start": format_utc(s), **totals.get(_bucket_label(s, group_by), Totals()).document()} for s in starts
         ]
     elif group_by:
-        result["groups"] = {t.label: t.document(rates) for t in sorted(totals.values(), key=lambda t: t.label)}
+        result["groups"] = {t.label: t.document() for t in sorted(totals.values(), key=lambda t: t.label)}
     return result
 
 
 def _bucket_label(start: datetime, group_by: str) -> str:
     return format_utc(start)[: 13 if group_by == "hour" else 10].casefold()
-
-
-def _rates(providers: Sequence[Provider]) -> dict[str, list[tuple[float, float, float]]]:
-    """Model (case-folded) → each serving provider's (input_rate, output_rate, base_fee)."""
-    rates: dict[str, list[tuple[float, float, float]]] = {}
-    for p in providers:
-        for model in p.models:
-            rates.setdefault(model.casefold(), []).append((p.input_rate, p.output_rate, p.base_fee))
-    return rates
 
 
 # ---- listing -----------------------------------------------------------------------------------
@@ -242,8 +236,11 @@ def _row(values: Sequence[Any]) -> dict[str, Any]:
     return {
         "request_id": r["request_id"], "timestamp": r["timestamp"], "model": r["model"], "provider": r["provider"],
         "policy": r["policy"], "streaming": bool(r["streaming"]), "status": r["status"], "success": bool(r["success"]),
-        "http_status": r["http_status"], "tokens": {"input": r["input_tokens"], "output": r["output_tokens"]},
-        "cost_sats": r["cost_sats"],
+        "http_status": r["http_status"],
+        "tokens": {"input": r["input_tokens"], "output": r["output_tokens"], "cached": r["cached_tokens"],
+                   "reasoning": r["reasoning_tokens"]},
+        "cost_sats": sats(r["cost_sats"]), "cost_source": r["cost_source"],
+        "rates_cost_sats": sats(r["rates_cost_sats"]), "max_cost_sats": sats(r["max_cost_sats"]),
         "timing": {
             "latency_ms": r["latency_ms"], "ttft_ms": r["ttft_ms"], "stream_duration_ms": r["stream_duration_ms"],
         },

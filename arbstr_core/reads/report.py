@@ -25,7 +25,7 @@ def _int(v: Any) -> str:
 
 
 def _sats(v: Any) -> str:
-    return "-" if v is None else f"{v:,.2f}"
+    return "-" if v is None else f"{v:,.3f}"  # msat precision, as the API rounds (SPEC §2.3)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], numeric: range) -> str:
@@ -44,9 +44,11 @@ def format_stats(doc: dict[str, Any], range_: str | None = None) -> str:
     summary = {
         "requests": [f"{_int(c['total'])} total", f"{_int(c['success'])} ok", f"{_int(c['error'])} errors",
                      f"{_int(c['streaming'])} streaming"],
-        "cost": [f"{_sats(k['total_cost_sats'])} sats",
-                 f"saved {_sats(k['savings_sats'])} sats (vs. each model's dearest provider)"],
-        "tokens": [f"{_int(k['total_input_tokens'])} in", f"{_int(k['total_output_tokens'])} out"],
+        "cost": [f"{_sats(k['total_cost_sats'])} sats", f"reported by providers {_sats(k['reported_cost_sats'])}",
+                 f"at configured rates {_sats(k['rates_cost_sats'])}"],
+        "saved": [f"{_sats(k['savings_sats'])} sats (vs. the dearest provider that could have served each request)"],
+        "tokens": [f"{_int(k['total_input_tokens'])} in ({_int(k['total_cached_tokens'])} cached)",
+                   f"{_int(k['total_output_tokens'])} out ({_int(k['total_reasoning_tokens'])} reasoning)"],
         "latency": [f"avg {_int(p['avg_latency_ms'])} ms", f"p50 {_int(p['p50_latency_ms'])}",
                     f"p95 {_int(p['p95_latency_ms'])}", f"p99 {_int(p['p99_latency_ms'])}",
                     f"ttft avg {_int(p['avg_ttft_ms'])} ms"],
@@ -65,15 +67,17 @@ def format_stats(doc: dict[str, Any], range_: str | None = None) -> str:
     rows = [
         [
             name, _int(g["counts"]["total"]), _int(g["counts"]["error"]), _int(g["counts"]["streaming"]),
-            _sats(g["costs"]["total_cost_sats"]), _sats(g["costs"]["savings_sats"]),
-            _int(g["costs"]["total_input_tokens"]), _int(g["costs"]["total_output_tokens"]),
+            _sats(g["costs"]["total_cost_sats"]), _sats(g["costs"]["reported_cost_sats"]),
+            _sats(g["costs"]["rates_cost_sats"]), _sats(g["costs"]["savings_sats"]),
+            _int(g["costs"]["total_input_tokens"]), _int(g["costs"]["total_cached_tokens"]),
+            _int(g["costs"]["total_output_tokens"]), _int(g["costs"]["total_reasoning_tokens"]),
             _int(g["performance"]["p50_latency_ms"]), _int(g["performance"]["p95_latency_ms"]),
             _int(g["performance"]["avg_ttft_ms"]),
         ]
         for name, g in items
     ]
-    headers = [title, "REQUESTS", "ERRORS", "STREAMS", "COST_SATS", "SAVED_SATS", "IN_TOKENS", "OUT_TOKENS",
-               "P50_MS", "P95_MS", "TTFT_MS"]
+    headers = [title, "REQUESTS", "ERRORS", "STREAMS", "COST_SATS", "REPORTED", "AT_RATES", "SAVED_SATS",
+               "IN_TOKENS", "CACHED", "OUT_TOKENS", "REASONING", "P50_MS", "P95_MS", "TTFT_MS"]
     return text + "\n" + table(headers, rows, numeric=range(1, len(headers)))
 
 
@@ -84,12 +88,13 @@ def format_requests(rows: Sequence[dict[str, Any]]) -> str:
         [
             r["timestamp"][:19].replace("T", " "), r["model"] or "-", r["provider"] or "-", r["policy"] or "-",
             r["status"], _int(r["http_status"]), _int(r["tokens"]["input"]), _int(r["tokens"]["output"]),
-            _sats(r["cost_sats"]), _int(r["timing"]["latency_ms"]), r["request_id"],
+            _sats(r["cost_sats"]), _int(r["timing"]["latency_ms"]), (r["error"] or {}).get("type") or "-",
+            r["retries"] or "-", r["request_id"],
         ]
         for r in rows
     ]
     headers = ["TIME (UTC)", "MODEL", "PROVIDER", "POLICY", "STATUS", "HTTP", "IN", "OUT", "COST_SATS",
-               "LATENCY_MS", "REQUEST_ID"]
+               "LATENCY_MS", "ERROR", "RETRIES", "REQUEST_ID"]
     return table(headers, body, numeric=range(5, 10))
 
 
@@ -103,7 +108,7 @@ def run_stats(
 ) -> int:
     args = {"range": range_, **({"group_by": group_by} if group_by else {})}
     try:
-        doc = queries.stats(cfg.database.path, args, cfg.providers)
+        doc = queries.stats(cfg.database.path, args)
     except ArbstrError as e:
         print(f"arbstr stats: {e.message}", file=sys.stderr)
         return 1

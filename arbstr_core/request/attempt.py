@@ -16,6 +16,7 @@ import requests
 from ..config import Provider
 from ..errors import ArbstrError
 from . import failures
+from .cost import REPORTED_HEADER
 from .failures import AttemptResult, Verdict
 from .relay import OpenStream
 from .sse import EventSplitter, event_data, parse_json
@@ -66,7 +67,8 @@ class Caller:
         )
 
     def json(self, provider: Provider, left: float | None) -> AttemptResult:
-        """A non-streaming attempt; on success ``payload`` is ``(status, body bytes, parsed body)``.
+        """A non-streaming attempt; on success ``payload`` is ``(status, body bytes, parsed body, the
+        provider's reported-cost header or None)``.
 
         Firing :attr:`cutoff` ends it at once, wherever it is (see :class:`Cutoff`).
         """
@@ -92,7 +94,8 @@ class Caller:
         parsed = _json_object(body)
         if parsed is None:
             return AttemptResult(failures.BAD_BODY, resp.status_code, "answer is not a JSON object")
-        return AttemptResult(failures.OK, resp.status_code, payload=(resp.status_code, body, parsed))
+        reported = resp.headers.get(REPORTED_HEADER)
+        return AttemptResult(failures.OK, resp.status_code, payload=(resp.status_code, body, parsed, reported))
 
     def stream(self, provider: Provider, left: float | None) -> AttemptResult:
         """A streaming attempt, read up to its first data event; ``payload`` is an :class:`OpenStream`."""
@@ -144,11 +147,11 @@ class Caller:
             raw = b""
         parsed = _json_object(raw)
         message = self._message(parsed, raw)
-        verdict = failures.classify_status(resp.status_code, retry_after, self.max_retry_after)
+        err = parsed.get("error") if parsed else None
+        err = err if isinstance(err, dict) else {}
+        verdict = failures.classify_status(resp.status_code, retry_after, self.max_retry_after, _str(err.get("code")))
         payload = None
         if verdict in (failures.CLIENT_FAULT, failures.MODEL_NOT_FOUND):
-            err = parsed.get("error") if parsed else None
-            err = err if isinstance(err, dict) else {}
             payload = ArbstrError(
                 resp.status_code,
                 message,

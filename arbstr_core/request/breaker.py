@@ -32,7 +32,7 @@ class Permit:
 
 
 class _Circuit:
-    __slots__ = ("failures", "last_error", "opened_at", "opened_wall", "probing")
+    __slots__ = ("failures", "key_rejected", "last_error", "opened_at", "opened_wall", "probing")
 
     def __init__(self) -> None:
         self.failures = 0
@@ -40,6 +40,7 @@ class _Circuit:
         self.opened_wall: float | None = None
         self.probing = False
         self.last_error: str | None = None
+        self.key_rejected: str | None = None  # what the provider answered when it refused its key
 
 
 class BreakerRegistry:
@@ -68,13 +69,15 @@ class BreakerRegistry:
         with self._lock:
             c = self._circuits[name]
             state = self._state(c)
-            return state == CLOSED or (state == HALF_OPEN and not c.probing)
+            return c.key_rejected is None and (state == CLOSED or (state == HALF_OPEN and not c.probing))
 
     def acquire(self, name: str) -> Permit | None:
         """A permit to send to ``name``, or None when its circuit is open or its probe is in flight."""
         with self._lock:
             c = self._circuits[name]
             state = self._state(c)
+            if c.key_rejected is not None:
+                return None
             if state == CLOSED:
                 return Permit(name, probe=False)
             if state == HALF_OPEN and not c.probing:
@@ -113,6 +116,19 @@ class BreakerRegistry:
             with self._lock:
                 self._circuits[permit.provider].probing = False
 
+    def reject_key(self, permit: Permit, complaint: str) -> None:
+        """The provider refused its key (SPEC §5.1, §11): never sent another request until restart. The
+        permit is resolved with it."""
+        with self._lock:
+            c = self._circuits[permit.provider]
+            if permit.probe:
+                c.probing = False
+            first = c.key_rejected is None
+            c.key_rejected = complaint
+        if first:
+            log.warning("provider key rejected provider=%s: %s; it is skipped until restart", permit.provider,
+                        complaint)
+
     def seconds_until_probe(self, names: Iterable[str]) -> float:
         """How long until one of ``names``' open circuits lets a probe through: the honest Retry-After."""
         with self._lock:
@@ -131,5 +147,6 @@ class BreakerRegistry:
                     "failure_count": c.failures,
                     "opened_at": opened,
                     "last_error": c.last_error,
+                    "key_rejected": c.key_rejected,
                 }
             return out

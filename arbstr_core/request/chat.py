@@ -33,7 +33,7 @@ from .breaker import Permit
 from .failures import FAILURE, SUCCESS
 from .relay import CLIENT_DISCONNECTED, COMPLETE, StreamContext, StreamSummary, relay
 from .retry import Attempts, deadline_error, run_chain
-from .routing import match_policy, select_candidates
+from .routing import eligible, match_policy, select_candidates
 from .state import AppState
 
 log = logging.getLogger("arbstr.request")
@@ -44,15 +44,17 @@ EXHAUSTED = (502, 503, 504)  # arbstr already retried and failed over: tell SDKs
 
 
 def plan(state: AppState, body: dict[str, Any], policy_header: str | None,
-         rotation: int = 0) -> tuple[PolicyRule | None, list[Provider]]:
-    """The policy and the ordered candidates for a parsed body: chat requests and /v1/cost decide alike."""
+         rotation: int = 0) -> tuple[PolicyRule | None, list[Provider], list[Provider]]:
+    """The policy, the ordered candidates, and every provider that could serve the request whatever its
+    circuit (what savings are measured against): chat requests and /v1/cost decide alike."""
     config = state.config
+    providers = state.market.providers()  # one view of the live prices for the whole request
     policy = match_policy(config.policies.rules, policy_header, body["messages"])
     candidates = select_candidates(
-        body["model"], policy, config.providers, config.policies.default_strategy,
-        is_available=state.breakers.is_available, median_latency=state.latency.median, rotation=rotation,
+        body["model"], policy, providers, config.policies.default_strategy,
+        is_available=state.is_available, median_latency=state.latency.median, rotation=rotation,
     )
-    return policy, candidates
+    return policy, candidates, eligible(body["model"], policy, providers)
 
 
 class ChatRequest:
@@ -72,6 +74,7 @@ class ChatRequest:
         self.provider: str | None = None  # the provider that answered
         self.outcome: dict[str, Any] = {}  # the row's fields as the request turned out
         self.error: ArbstrError | None = None
+        self.field: list[Provider] = []  # every provider that could have served it (savings)
         self._holds_slot = False  # a max_concurrent slot, released when the request (or its stream) ends
 
     # ---- the request --------------------------------------------------------------------------------
@@ -92,7 +95,8 @@ class ChatRequest:
             body = chat_body.parse_body(raw)
             self.model = body["model"]
             self.streaming = body.get("stream") is True
-            self.policy, candidates = plan(state, body, request.headers.get("X-Arbstr-Policy"), next(state.rotation))
+            self.policy, candidates, self.field = plan(state, body, request.headers.get("X-Arbstr-Policy"),
+                                                       next(state.rotation))
             if self.policy is not None:
                 self.headers["x-arbstr-policy"] = self.policy.name
             if not self.streaming:
@@ -135,13 +139,14 @@ class ChatRequest:
             raise outcome.error
         assert outcome.provider is not None and outcome.result is not None
         provider = self.provider = outcome.provider.name
-        status, body, parsed = outcome.result.payload
+        status, body, parsed, reported = outcome.result.payload
         body = scrub_bytes(body, state.scrub)
-        input_tokens, output_tokens, cost = costs.usage_cost(outcome.provider, parsed.get("usage"))
+        charged = costs.charge(outcome.provider, parsed.get("usage"), self.field, reported)
+        self._note_balance(provider, parsed.get("usage"))
+        cost = charged.cost_sats
         latency = self.elapsed_ms()
         state.latency.add(provider, latency)
-        self.outcome = {"status": "ok", "success": True, "input_tokens": input_tokens,
-                        "output_tokens": output_tokens, "cost_sats": cost, "latency_ms": latency}
+        self.outcome = {"status": "ok", "success": True, **charged.row(), "latency_ms": latency}
         headers = self._answer_headers()
         headers["x-arbstr-latency-ms"] = str(latency)
         if cost is not None:
@@ -168,7 +173,7 @@ class ChatRequest:
         headers.update({"x-arbstr-streaming": "true", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         ctx = StreamContext(
             request_id=self.id, provider=provider.name, started=self.started, client_wants_usage=wants_usage,
-            choices=chat_body.choices(body), cost=lambda usage: costs.usage_cost(provider, usage)[2],
+            choices=chat_body.choices(body), cost=lambda usage: costs.charge(provider, usage, self.field).cost_sats,
             on_end=lambda summary: self._stream_ended(provider, permit, summary), scrub=state.scrub,
             client_gone=(lambda: _peer_closed(client)) if client is not None else (lambda: False),
         )
@@ -180,12 +185,13 @@ class ChatRequest:
         state = self.state
         ok = summary.status == COMPLETE
         try:
-            input_tokens, output_tokens, cost = costs.usage_cost(provider, summary.usage)
+            charged = costs.charge(provider, summary.usage, self.field)
+            self._note_balance(provider.name, summary.usage)
+            cost = charged.cost_sats
             if ok:
                 state.latency.add(provider.name, summary.duration_ms or 0)
             state.logstore.update(self.id, loggable({
-                "status": summary.status, "success": ok, "input_tokens": input_tokens,
-                "output_tokens": output_tokens, "cost_sats": cost, "latency_ms": summary.duration_ms,
+                "status": summary.status, "success": ok, **charged.row(), "latency_ms": summary.duration_ms,
                 "ttft_ms": summary.ttft_ms, "stream_duration_ms": summary.duration_ms,
                 "error_type": None if ok else "upstream_error" if summary.status == "interrupted" else "client",
                 "error_message": summary.error if not ok else None,
@@ -200,6 +206,11 @@ class ChatRequest:
                 state.breakers.record(permit, SUCCESS if ok else FAILURE, summary.error)
             if self._holds_slot:
                 self._release_slot()
+
+    def _note_balance(self, provider: str, usage: Any) -> None:
+        """A Routstr answer says what is left of the balance (``usage.remaining_balance_msats``)."""
+        if isinstance(usage, dict) and "remaining_balance_msats" in usage:
+            self.state.market.note_balance(provider, usage["remaining_balance_msats"])
 
     def _release_slot(self) -> None:
         self._holds_slot = False
@@ -226,7 +237,7 @@ class ChatRequest:
             headers["x-should-retry"] = "false"
         headers.update(error.headers)
         if error.code == "all_circuits_open":
-            serving = [p.name for p in self.state.config.providers if self.model in p.models]
+            serving = [p.name for p in self.state.market.providers() if self.model in p.models]
             wait = self.state.breakers.seconds_until_probe(serving)
             headers["Retry-After"] = str(min(max(1, math.ceil(wait)), MAX_RETRY_AFTER))
         elif error.status in (429, 503):

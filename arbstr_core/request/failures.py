@@ -29,24 +29,33 @@ RATE_LIMITED = Verdict("rate_limited", retry_same=True, fallback=True, breaker=N
 RATE_LIMITED_LONG = Verdict("rate_limited", retry_same=False, fallback=True, breaker=NEUTRAL)
 SENT_FAILED = Verdict("read_failed", retry_same=False, fallback=True, breaker=FAILURE)
 BAD_BODY = Verdict("invalid_body", retry_same=False, fallback=True, breaker=FAILURE)
+# The provider refused its key (401, 403, a 400 naming a key fault): it is skipped until restart (§11).
 KEY_REJECTED = Verdict("provider_auth", retry_same=False, fallback=True, breaker=NEUTRAL)
+# 402: the provider's balance (the account the key pays from) ran out.
+BALANCE = Verdict("insufficient_balance", retry_same=False, fallback=True, breaker=NEUTRAL)
 # Another provider may serve the model; when none does, the last 404 goes back to the client.
 MODEL_NOT_FOUND = Verdict("model_not_found", retry_same=False, fallback=True, breaker=NEUTRAL)
 CLIENT_FAULT = Verdict("client_fault", retry_same=False, fallback=False, breaker=NEUTRAL)
 
 CLIENT_FAULT_STATUSES = frozenset({400, 409, 413, 422})
+# Error codes of a 400 that blame the provider's key, not the request (Routstr nodes).
+KEY_FAULT_CODES = frozenset({"invalid_api_key", "invalid_cashu_token", "cashu_token_already_spent"})
 
 
-def classify_status(status: int, retry_after: float | None = None, max_retry_after: float = 0) -> Verdict:
-    """Verdict for an upstream HTTP status; ``retry_after`` only matters for 429."""
+def classify_status(status: int, retry_after: float | None = None, max_retry_after: float = 0,
+                    code: str | None = None) -> Verdict:
+    """Verdict for an upstream HTTP status; ``retry_after`` only matters for 429, the error ``code`` only
+    for 400."""
     if 200 <= status < 300:
         return OK
     if status == 429:
         if retry_after is not None and retry_after > max_retry_after:
             return RATE_LIMITED_LONG
         return RATE_LIMITED
-    if status in (401, 402, 403):
+    if status in (401, 403) or (status == 400 and code in KEY_FAULT_CODES):
         return KEY_REJECTED
+    if status == 402:
+        return BALANCE
     if status == 404:
         return MODEL_NOT_FOUND
     if status in CLIENT_FAULT_STATUSES:

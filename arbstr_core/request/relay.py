@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..secrets import scrub_bytes
 from . import sse
+from .cost import merge_usage
 from .upstream import UpstreamError
 
 if TYPE_CHECKING:
@@ -165,12 +166,12 @@ def _handle(ctx: StreamContext, event: bytes, summary: StreamSummary) -> bytes:
         return ctx.scrub(event.decode("utf-8", "replace")).encode("utf-8")
     usage = chunk.get("usage")
     if isinstance(usage, dict):
-        summary.usage = usage
+        summary.usage = merge_usage(summary.usage, usage)
         if sse.is_usage_only(chunk):
             if not ctx.client_wants_usage:
                 return b""
             chunk["arbstr"] = {
-                "cost_sats": ctx.cost(usage),
+                "cost_sats": ctx.cost(summary.usage),
                 "latency_ms": _ms(ctx),
                 "provider": ctx.provider,
                 "request_id": ctx.request_id,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from ..config import Provider, RetryConfig
 from ..errors import ArbstrError
 from .breaker import BreakerRegistry, Permit
-from .failures import MODEL_NOT_FOUND, OK, AttemptResult
+from .failures import BALANCE, KEY_REJECTED, MODEL_NOT_FOUND, OK, AttemptResult
 
 MAX_CLIENT_RETRY_AFTER = 60
 # No new attempt with less time left: no provider answers that fast, but it may still charge for it.
@@ -121,7 +121,8 @@ def run_chain(
     """
     attempts = Attempts() if attempts is None else attempts
     last: tuple[Provider, AttemptResult] | None = None
-    all_rate_limited = all_not_found = True
+    all_rate_limited = all_not_found = all_broke = True
+    complaints: dict[str, str] = {}  # each provider's last failure, for the final error
     retry_afters: list[float] = []
     reached_any = False
     for index, provider in enumerate(candidates):
@@ -161,6 +162,10 @@ def run_chain(
                 all_rate_limited = False
             if result.verdict is not MODEL_NOT_FOUND:
                 all_not_found = False
+            if result.verdict is not BALANCE:
+                all_broke = False
+            complaints[provider.name] = (f"{result.verdict.kind}{f' HTTP {result.status}' if result.status else ''}"
+                                         f" {result.message}").rstrip()
             if not result.verdict.fallback:
                 # The request's own fault: the attempt function shaped the upstream error for the client.
                 return Outcome(attempts, provider=provider, error=result.payload)
@@ -190,11 +195,14 @@ def run_chain(
             429, "Every candidate provider is rate limiting; retry later",
             type="rate_limit_error", code="upstream_rate_limited", headers={"Retry-After": str(wait)},
         ))
-    tried = ", ".join(attempts.counts)
+    said = "; ".join(f"{name}: {complaint}" for name, complaint in complaints.items())
+    if all_broke:  # say plainly that the money ran out, not that the provider broke
+        return Outcome(attempts, provider=provider, error=ArbstrError(
+            502, f"The balance ran out at every provider tried (HTTP 402); top up or add a key. {said}",
+            type="upstream_error", code="insufficient_balance",
+        ))
     return Outcome(attempts, provider=provider, error=ArbstrError(
-        502, f"All providers failed ({tried}); last error from {provider.name}: "
-        f"{result.verdict.kind}{f' HTTP {result.status}' if result.status else ''} {result.message}".rstrip(),
-        type="upstream_error", code="upstream_failed",
+        502, f"All providers failed. {said}", type="upstream_error", code="upstream_failed",
     ))
 
 
@@ -203,6 +211,8 @@ def _resolve(breakers: BreakerRegistry, permit: Permit, result: AttemptResult | 
     answered after the request stopped waiting; one cut off by the deadline failed (SPEC §5.2)."""
     if result is None or (result.verdict is OK and not used):
         breakers.release(permit)
+    elif result.verdict is KEY_REJECTED:
+        breakers.reject_key(permit, f"HTTP {result.status} {result.message}"[:300])
     else:
         breakers.record(permit, result.verdict.breaker, f"{result.verdict.kind}: {result.message}"[:300])
 

@@ -48,6 +48,23 @@ def select_candidates(
     rotation: int = 0,
 ) -> list[Provider]:
     """The ordered providers to try for ``model`` under ``policy`` (SPEC §2.2)."""
+    serving = eligible(model, policy, providers)
+    strategy = policy.strategy if policy is not None else default_strategy
+    ordered = order(serving, strategy, median_latency, rotation)
+    usable = [p for p in ordered if is_available(p.name)]
+    if not usable:
+        raise ArbstrError(
+            503,
+            f"Every provider of '{model}' has an open circuit; try again shortly",
+            type="upstream_error",
+            code="all_circuits_open",
+        )
+    return usable
+
+
+def eligible(model: str, policy: PolicyRule | None, providers: Sequence[Provider]) -> list[Provider]:
+    """The providers that may serve ``model`` under ``policy``, in config order, whatever their circuits:
+    the candidates before ordering, and the field a request's savings are measured against (SPEC §2.3)."""
     serving = [p for p in providers if model in p.models]
     if not serving:
         raise ArbstrError(
@@ -69,17 +86,7 @@ def select_candidates(
                 f"(policy '{policy.name}')",
                 code="no_provider_within_policy",
             )
-    strategy = policy.strategy if policy is not None else default_strategy
-    ordered = order(serving, strategy, median_latency, rotation)
-    usable = [p for p in ordered if is_available(p.name)]
-    if not usable:
-        raise ArbstrError(
-            503,
-            f"Every provider of '{model}' has an open circuit; try again shortly",
-            type="upstream_error",
-            code="all_circuits_open",
-        )
-    return usable
+    return serving
 
 
 def order(

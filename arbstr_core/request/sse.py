@@ -105,7 +105,8 @@ def finished_choices(chunk: dict[str, Any]) -> set[int]:
 
 
 def is_usage_only(chunk: dict[str, Any]) -> bool:
-    return chunk.get("choices") == [] and isinstance(chunk.get("usage"), dict)
+    """A chunk that carries usage and no choice: ``choices`` empty, null or absent (SPEC §6.2)."""
+    return not chunk.get("choices") and isinstance(chunk.get("usage"), dict)
 
 
 def data_event(obj: Any) -> bytes:

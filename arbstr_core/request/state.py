@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,7 @@ from ..secrets import Scrubber
 from .breaker import BreakerRegistry
 from .latency import LatencyWindow
 from .limits import TokenBucket
+from .market import Market
 from .upstream import Upstream
 
 
@@ -23,12 +25,18 @@ class AppState:
     breakers: BreakerRegistry
     logstore: LogStore
     scrub: Scrubber
+    market: Market
     latency: LatencyWindow = field(default_factory=LatencyWindow)
     rotation: itertools.count = field(default_factory=itertools.count)
     bucket: TokenBucket | None = None
     slots: threading.BoundedSemaphore | None = None
     _executor: ThreadPoolExecutor | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def is_available(self, name: str) -> bool:
+        """May routing pick this provider now: circuit closed (or its probe free), key not rejected,
+        balance not known to be short (SPEC §2.2, §11)."""
+        return self.breakers.is_available(name) and not self.market.balance_low(name)
 
     def executor(self) -> ThreadPoolExecutor:
         """Threads for the deadline-bounded retry loops, created on first use (never before fork).
@@ -63,6 +71,8 @@ def build_state(config: Config, upstream: Upstream) -> AppState:
             enabled=config.logging.log_requests,
         ),
         scrub=Scrubber(secrets),
+        market=Market(config.providers, functools.partial(upstream.get_json, timeout=config.server.connect_timeout_secs),
+                      refresh_secs=config.market.refresh_secs, min_balance_sats=config.market.min_balance_sats),
         bucket=TokenBucket(config.server.rate_limit_rps) if config.server.rate_limit_rps > 0 else None,
         slots=threading.BoundedSemaphore(config.server.max_concurrent) if config.server.max_concurrent else None,
     )

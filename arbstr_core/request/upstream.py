@@ -143,6 +143,14 @@ class Upstream:
             self._local.session = s
         return s
 
+    def get_json(self, provider: Provider, path: str, *, timeout: float) -> Any:
+        """``GET {url}/{path}`` with the provider's key, parsed: a node's ``/models`` or ``/balance/info``.
+        Raises UpstreamError (or ValueError for a body that is not JSON)."""
+        try:
+            return _get_json(self.session(), provider, path, timeout)
+        except requests.RequestException as e:
+            raise translate(e) from None
+
     def post(
         self,
         provider: Provider,
@@ -187,6 +195,20 @@ class Upstream:
             raise translate(e) from None
         finally:
             _watching.cutoff = None
+
+
+def _get_json(session: requests.Session, provider: Provider, path: str, timeout: float) -> Any:
+    headers = {"Accept": "application/json", "Accept-Encoding": "identity", "User-Agent": USER_AGENT}
+    if provider.api_key is not None:
+        headers["Authorization"] = "Bearer " + provider.api_key.reveal()
+    resp = session.get(provider.url.rstrip("/") + "/" + path, headers=headers, timeout=(timeout, timeout * 2),
+                       allow_redirects=False)
+    try:
+        if resp.status_code != 200:
+            raise UpstreamError(f"HTTP {resp.status_code}", sent=True)
+        return resp.json()
+    finally:
+        resp.close()
 
 
 def _causes(e: BaseException) -> Iterator[BaseException]:
