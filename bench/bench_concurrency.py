@@ -38,7 +38,6 @@ import http.client
 import json
 import math
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -64,6 +63,7 @@ from harness import (
     free_port,
     machine_note,
     pct,
+    stop_on_sigterm,
     write_arbstr_config,
 )
 
@@ -404,12 +404,8 @@ def print_report(results: dict[str, Any], settings: Settings, checks: list[dict[
         print(f"  {c['target']:60} {_fmt(c['value'], 2):>8}  target {c['limit']:16} {state}")
 
 
-def _exit_on_term(signum: int, frame: object) -> None:
-    sys.exit(f"stopped by signal {signum}")  # SystemExit runs the finally blocks that stop the servers
-
-
 def main() -> None:
-    signal.signal(signal.SIGTERM, _exit_on_term)
+    stop_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="16 and 64 streams of 0.5 s")
     parser.add_argument("--levels", help="comma-separated concurrency levels (default 16,64,256)")

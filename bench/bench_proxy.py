@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,7 @@ from harness import (
     bare_server,
     free_port,
     machine_note,
+    stop_on_sigterm,
     write_arbstr_config,
 )
 
@@ -380,12 +380,8 @@ def print_report(results: dict[str, Any], rows: list[list[Any]], checks: list[di
         print(f"  {c['target']:40} {_fmt(c['value']):>8}  target {c['limit']:8} {state}")
 
 
-def _exit_on_term(signum: int, frame: object) -> None:
-    sys.exit(f"stopped by signal {signum}")  # SystemExit runs the finally blocks that stop the servers
-
-
 def main() -> None:
-    signal.signal(signal.SIGTERM, _exit_on_term)
+    stop_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short run (3 s per level, 2,000 requests for memory)")
     parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM column")

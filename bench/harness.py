@@ -184,3 +184,11 @@ def arbstr_server(config: Path, port: int, log_path: Path) -> Server:
     argv = [sys.executable, "-m", "gunicorn", "arbstr:app", "-c", str(ROOT / "gunicorn.conf.py"),
             "--bind", f"{HOST}:{port}"]
     return Server("arbstr", argv, port, log_path, env={"ARBSTR_CONFIG": str(config)})
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM ends a benchmark like Ctrl-C: SystemExit runs the finally blocks that stop its servers."""
+    def exit_on_term(signum: int, frame: object) -> None:
+        sys.exit(f"stopped by signal {signum}")
+
+    signal.signal(signal.SIGTERM, exit_on_term)

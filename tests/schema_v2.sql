@@ -1,3 +1,6 @@
+-- Fixture: schema.sql as it was at version 2 (`git show 58694fa:schema.sql`), unchanged below this
+-- line, for tests/test_logstore.py (migration to the current version) and bench/bench_logstore.py --migration.
+--
 -- arbstr request log (SPEC §7). One row per client request.
 --
 -- Applied by arbstr_core/log/db.py on every start: every statement is idempotent. The last line

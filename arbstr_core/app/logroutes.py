@@ -24,7 +24,7 @@ def _config() -> Any:
 @logapi.get("/v1/stats")
 def stats() -> dict[str, Any]:
     cfg = _config()
-    return queries.stats(cfg.database.path, request.args, cfg.providers)
+    return queries.stats(cfg.database.path, request.args)
 
 
 @logapi.get("/v1/requests")

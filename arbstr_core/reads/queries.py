@@ -28,7 +28,6 @@ from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
-from ..config import Provider
 from ..errors import ArbstrError
 from ..log.db import BAND_OF_LATENCY, COLUMNS, KEY_OF_ROW, ROW_SUMS, SUMS, TIMED_OK_UNINDEXED, expected_version
 from ..timefmt import format_utc
@@ -190,15 +189,9 @@ def _group_where(f: Filters, group_by: str, key: str) -> Where:
     return f"{where} AND {group_by} = ?", [*params, key]
 
 
-def stats(
-    db_path: str, args: Mapping[str, str], providers: Sequence[Provider] | None = None, now: datetime | None = None
-) -> dict[str, Any]:
-    """The /v1/stats document (SPEC §4.7); zeros when nothing was logged yet.
-
-    ``providers`` is not read: savings come from the rows (each row's ``max_cost_sats``, set when it was
-    written), not from the providers configured now. It stays for the callers that still pass it.
-    """
-    del providers
+def stats(db_path: str, args: Mapping[str, str], now: datetime | None = None) -> dict[str, Any]:
+    """The /v1/stats document (SPEC §4.7); zeros when nothing was logged yet. Savings come from the rows
+    (each row's ``max_cost_sats``, set when it was written), not from the providers configured now."""
     f, group_by = parse_stats_args(args, now)
     starts = bucket_starts(f.since, f.until, group_by) if group_by in ("hour", "day") else []
     result: dict[str, Any] = {"since": format_utc(f.since), "until": format_utc(f.until)}
