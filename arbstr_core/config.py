@@ -132,6 +132,8 @@ class Provider:
         None, "longest wait for the answer or a stream's first event; absent: the request's deadline",
         _bound(0, "positive; remove it to wait up to the request's deadline", strict=True))
     discover: bool = _key(False, "true: models and rates come from {url}/models (a Routstr node), refreshed")
+    max_output_tokens: int | None = _key(None, "max_tokens / max_completion_tokens above this are lowered",
+                                         _bound(0, "positive", strict=True))
 
     @property
     def cached_rate(self) -> float:
@@ -170,6 +172,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     market: MarketConfig = field(default_factory=MarketConfig)
     policies: PoliciesConfig = field(default_factory=PoliciesConfig)
+    aliases: tuple[tuple[str, str], ...] = ()  # [aliases]: client name or glob → the model id to route
     path: str | None = None
     mock: bool = False
     # Startup warnings (literal keys, loose file permissions) for the log and `arbstr check`.
@@ -227,7 +230,7 @@ def from_mapping(
     """Build a validated :class:`Config` from parsed TOML (also used for the built-in mock config)."""
     env = os.environ if env is None else env
     warnings = [] if warnings is None else warnings
-    tables = [t for t in _TABLES if "." not in t]
+    tables = [t for t in _TABLES if "." not in t] + ["aliases"]
     unknown = set(raw) - set(tables)
     if unknown:
         raise ConfigError(f"{path}: unknown table or key '{min(unknown)}'; valid tables are {', '.join(tables)}")
@@ -243,7 +246,8 @@ def from_mapping(
             f"{path}: no [[providers]] configured; add at least one (see config.example.toml) or run with --mock"
         )
     return Config(providers=providers, server=ServerConfig(**server), policies=_policies(raw.get("policies", {}), path),
-                  path=path, mock=mock, warnings=tuple(warnings), **simple)
+                  aliases=_aliases(raw.get("aliases", {}), path), path=path, mock=mock, warnings=tuple(warnings),
+                  **simple)
 
 
 def _keys(cls: type) -> dict[str, Field]:
@@ -357,6 +361,16 @@ def _provider_warnings(providers: list[Provider], path: str) -> list[str]:
                 "redeemed at one node is spent for the others, so give each provider its own key"
             )
     return out
+
+
+def _aliases(raw: Any, path: str) -> tuple[tuple[str, str], ...]:
+    """``[aliases]``: names clients send (exact, or glob patterns such as ``"claude-*"``) → a model id."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: [aliases] must be a table of \"name\" = \"model id\"")
+    for name, target in raw.items():
+        if not isinstance(target, str) or not target or not name:
+            raise ConfigError(f"{path}: [aliases] \"{name}\" must name a model id, for example \"{name}\" = \"gpt-4o\"")
+    return tuple(raw.items())
 
 
 def _policies(raw: Any, path: str) -> PoliciesConfig:

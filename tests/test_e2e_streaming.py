@@ -58,7 +58,7 @@ def single(fake_upstream, make_config, gunicorn_server):
     return up, start
 
 
-def settled_row(server: ArbstrServer, request_id: str, timeout: float = 10.0) -> dict[str, Any]:
+def settled_row(server: ArbstrServer, request_id: str, timeout: float = 30.0) -> dict[str, Any]:
     """The request's row once its stream has ended (the log is written asynchronously; see the docstring)."""
     deadline = time.monotonic() + timeout
     while True:

@@ -332,7 +332,7 @@ def test_upstream_post_sends_the_key_only_in_authorization(server: Callable[...,
 
 
 def caller() -> Caller:
-    return Caller(Upstream(), b"{}", "req-1", connect_timeout=1, read_timeout=0.2, max_response_bytes=1 << 20,
+    return Caller(Upstream(), b"{}", {}, "req-1", connect_timeout=1, read_timeout=0.2, max_response_bytes=1 << 20,
                   max_retry_after=10, scrub=lambda s: s)
 
 

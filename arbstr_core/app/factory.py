@@ -22,7 +22,8 @@ from .logsetup import setup_logging
 
 log = logging.getLogger("arbstr")
 
-BODY_PATHS = (routes.CHAT_PATH, "/v1/cost")  # the routes that read a request body
+# The routes that read a request body.
+BODY_PATHS = (routes.CHAT_PATH, routes.MESSAGES_PATH, routes.MESSAGES_PATH + "/count_tokens", "/v1/cost")
 
 
 def load_config(path: str | None = None, mock_mode: bool | None = None) -> Config:
@@ -64,8 +65,8 @@ def _register_hooks(app: Flask, state: AppState) -> None:
     def _before() -> None:
         state.logstore.start()
         state.market.start()
-        if request.path == routes.CHAT_PATH:
-            g.chat = ChatRequest(state, request)  # first: every answer on the route, errors too, has its row
+        if (api := routes.API_OF_PATH.get(request.path)) is not None:
+            g.chat = ChatRequest(state, request, api)  # first: every answer on the route, errors too, has its row
         if token is not None and request.path != "/health":
             check_auth(token)
         if request.method == "POST" and request.path in BODY_PATHS:

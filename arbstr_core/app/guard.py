@@ -12,9 +12,11 @@ from ..secrets import Secret
 
 
 def check_auth(token: Secret) -> None:
-    """``Authorization: Bearer <token>`` compared in constant time, else 401 ``invalid_api_key``."""
+    """``Authorization: Bearer <token>`` (OpenAI clients) or ``x-api-key: <token>`` (Anthropic clients),
+    compared in constant time, else 401 ``invalid_api_key``."""
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.matches(given.strip()):
+    bearer = scheme.lower() == "bearer" and token.matches(given.strip())
+    if not bearer and not token.matches(request.headers.get("x-api-key", "").strip()):
         raise ArbstrError(401, "Missing or invalid API key: send Authorization: Bearer <server.auth_token>",
                           type="authentication_error", code="invalid_api_key")
 

@@ -23,7 +23,7 @@ def register(app: Flask, state: AppState) -> None:
         chat = g.get("chat")
         if chat is not None:
             error = chat.failed(error)
-        response = jsonify(error.body(state.scrub))
+        response = jsonify(chat.error_body(error) if chat is not None else error.body(state.scrub))
         response.status_code = error.status
         response.headers.update(error.headers)
         return response

@@ -11,9 +11,12 @@ from ..errors import bad_request
 from ..request import cost as costs
 from ..request.body import parse_body
 from ..request.chat import plan
+from ..request.edges import MessagesEdge
 from ..request.state import AppState
 
 CHAT_PATH = "/v1/chat/completions"
+MESSAGES_PATH = "/v1/messages"
+API_OF_PATH = {CHAT_PATH: "chat", MESSAGES_PATH: "messages"}  # the routes a ChatRequest answers
 
 
 def register(app: Flask, state: AppState) -> None:
@@ -22,6 +25,16 @@ def register(app: Flask, state: AppState) -> None:
     @app.post(CHAT_PATH)
     def chat_completions() -> Response:
         return g.chat.handle(request)
+
+    @app.post(MESSAGES_PATH)
+    def messages() -> Response:
+        """Anthropic's Messages API over the same lifecycle (Claude Code adds ``?beta=true``)."""
+        return g.chat.handle(request)
+
+    @app.post(MESSAGES_PATH + "/count_tokens")
+    def count_tokens() -> Response:
+        """arbstr's estimate (⌈UTF-8 bytes of all text / 4⌉), not a provider's tokenizer."""
+        return jsonify({"input_tokens": MessagesEdge.count_tokens(request.get_data(cache=False))})
 
     @app.get("/v1/models")
     def models() -> Response:

@@ -16,6 +16,7 @@ import requests
 from ..config import Provider
 from ..errors import ArbstrError
 from . import failures
+from .body import capped, encode
 from .cost import REPORTED_HEADER
 from .failures import AttemptResult, Verdict
 from .relay import OpenStream
@@ -33,6 +34,7 @@ class Caller:
         self,
         upstream: Upstream,
         body: bytes,
+        parsed: dict[str, Any],
         request_id: str,
         *,
         connect_timeout: float,
@@ -43,7 +45,8 @@ class Caller:
         scrub: Callable[[str], str],
     ) -> None:
         self.upstream = upstream
-        self.body = body
+        self.body = body  # as the client sent it (or as re-encoded for a stream)
+        self.parsed = parsed
         self.request_id = request_id
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -62,9 +65,16 @@ class Caller:
         if left is not None:
             connect, read = min(connect, left), min(read, left)
         return self.upstream.post(
-            provider, self.body, self.request_id, stream=stream, connect_timeout=connect, read_timeout=read,
+            provider, self._body_for(provider), self.request_id, stream=stream, connect_timeout=connect, read_timeout=read,
             cutoff=self.cutoff,
         )
+
+    def _body_for(self, provider: Provider) -> bytes:
+        """The body for ``provider``: the client's bytes unchanged, unless its ``max_output_tokens`` is lower
+        than what the client asked for (a 400 at many models, and the whole worst case reserved from a
+        Routstr balance)."""
+        lowered = capped(self.parsed, provider.max_output_tokens)
+        return self.body if lowered is None else encode(lowered)
 
     def json(self, provider: Provider, left: float | None) -> AttemptResult:
         """A non-streaming attempt; on success ``payload`` is ``(status, body bytes, parsed body, the

@@ -24,7 +24,7 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     except RecursionError:  # e.g. 100,000 '[': json's C scanner recurses per level
         raise bad_request("Request body is not valid JSON: nested too deeply", code="invalid_json") from None
     if _SURROGATE_ESCAPE.search(raw):
-        _encode(body)  # an unpaired surrogate is valid JSON grammar but no text: unloggable, unencodable
+        encode(body)  # an unpaired surrogate is valid JSON grammar but no text: unloggable, unencodable
     if not isinstance(body, dict):
         raise bad_request("Request body must be a JSON object", code="invalid_body")
     if not isinstance(body.get("model"), str) or not body["model"]:
@@ -34,11 +34,11 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-# Cheap pre-check for a surrogate, escaped or as (CESU-8) bytes, which json.loads lets through; _encode decides.
+# Cheap pre-check for a surrogate, escaped or as (CESU-8) bytes, which json.loads lets through; encode decides.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 
 
-def _encode(body: Any) -> bytes:
+def encode(body: Any) -> bytes:
     """``body`` as compact UTF-8 JSON; a 400 if it holds an unpaired surrogate or is too deep to re-encode."""
     try:
         return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
@@ -49,14 +49,23 @@ def _encode(body: Any) -> bytes:
         raise bad_request("Request body is not valid JSON: nested too deeply", code="invalid_json") from None
 
 
-def stream_body(body: dict[str, Any]) -> tuple[bytes, bool]:
+def stream_body(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """Upstream body for a stream (usage always requested) and whether the client asked for usage."""
     options = body.get("stream_options")
     options = dict(options) if isinstance(options, dict) else {}
     wants_usage = options.get("include_usage") is True
     options.setdefault("include_usage", True)
-    upstream = dict(body, stream_options=options)
-    return _encode(upstream), wants_usage
+    return dict(body, stream_options=options), wants_usage
+
+
+def capped(body: dict[str, Any], cap: int | None) -> dict[str, Any] | None:
+    """``body`` with ``max_tokens`` / ``max_completion_tokens`` lowered to a provider's
+    ``max_output_tokens``, or None when nothing is above it (the body then goes out as it came)."""
+    if cap is None:
+        return None
+    over = {k: cap for k in ("max_tokens", "max_completion_tokens")
+            if isinstance(v := body.get(k), int) and not isinstance(v, bool) and v > cap}
+    return dict(body, **over) if over else None
 
 
 def choices(body: dict[str, Any]) -> int:

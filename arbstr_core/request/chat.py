@@ -30,10 +30,11 @@ from . import body as chat_body
 from . import cost as costs
 from .attempt import Caller
 from .breaker import Permit
+from .edges import EDGES
 from .failures import FAILURE, SUCCESS
 from .relay import CLIENT_DISCONNECTED, COMPLETE, StreamContext, StreamSummary, relay
 from .retry import Attempts, deadline_error, run_chain
-from .routing import eligible, match_policy, select_candidates
+from .routing import eligible, match_policy, resolve_alias, select_candidates
 from .state import AppState
 
 log = logging.getLogger("arbstr.request")
@@ -60,14 +61,19 @@ def plan(state: AppState, body: dict[str, Any], policy_header: str | None,
 class ChatRequest:
     """One client request: its identity and timing, what was tried, what it became, and its row."""
 
-    def __init__(self, state: AppState, request: Request) -> None:
+    def __init__(self, state: AppState, request: Request, api: str = "chat") -> None:
         self.state = state
+        self.edge = EDGES[api]
         self.started = time.perf_counter()
         self.timestamp = utc_timestamp()
         self.id = str(uuid.uuid4())
         self.headers: dict[str, str] = {"x-arbstr-request-id": self.id, "x-request-id": self.id}
+        if api == "messages":
+            self.headers["request-id"] = self.id  # where the anthropic SDK looks for it
         self.client_retry_count = _int_or_none(request.headers.get("x-stainless-retry-count"))
-        self.model: str | None = None
+        self.model: str | None = None  # as the client named it
+        self.routed_model: str | None = None  # what an [aliases] entry turned it into
+        self.meta: dict[str, Any] = {}  # what the edge's way back needs (see edges.py)
         self.policy: PolicyRule | None = None
         self.streaming = False
         self.attempts = Attempts()
@@ -91,16 +97,20 @@ class ChatRequest:
             if state.bucket is not None and (wait := state.bucket.take()) > 0:
                 raise ArbstrError(429, "arbstr's rate limit was exceeded; slow down", type="rate_limit_error",
                                   code="rate_limit_exceeded", headers={"Retry-After": str(min(60, math.ceil(wait)))})
-            raw = request.get_data(cache=False)
-            body = chat_body.parse_body(raw)
+            body, forward, self.meta = self.edge.parse(request.get_data(cache=False))
             self.model = body["model"]
+            routed = resolve_alias(state.config.aliases, self.model)
+            if routed != self.model:
+                self.routed_model = routed
+                body = dict(body, model=routed)
+                forward = chat_body.encode(body)
             self.streaming = body.get("stream") is True
             self.policy, candidates, self.field = plan(state, body, request.headers.get("X-Arbstr-Policy"),
                                                        next(state.rotation))
             if self.policy is not None:
                 self.headers["x-arbstr-policy"] = self.policy.name
             if not self.streaming:
-                return self._complete(raw, candidates)
+                return self._complete(forward, body, candidates)
             response = self._stream(body, candidates, _client_socket(request))
             streaming_started = True
             return response
@@ -108,22 +118,23 @@ class ChatRequest:
             if self._holds_slot and not streaming_started:
                 self._release_slot()
 
-    def _caller(self, body: bytes, read_timeout: float, idle_timeout: float | None = None) -> Caller:
+    def _caller(self, body: bytes, parsed: dict[str, Any], read_timeout: float,
+                idle_timeout: float | None = None) -> Caller:
         config = self.state.config
         return Caller(
-            self.state.upstream, body, self.id,
+            self.state.upstream, body, parsed, self.id,
             connect_timeout=config.server.connect_timeout_secs, read_timeout=read_timeout,
             idle_timeout=idle_timeout, max_response_bytes=MAX_RESPONSE_BYTES,
             max_retry_after=config.retry.max_retry_after_secs, scrub=self.state.scrub,
         )
 
-    def _complete(self, raw: bytes, candidates: list[Provider]) -> Response:
+    def _complete(self, raw: bytes, request_body: dict[str, Any], candidates: list[Provider]) -> Response:
         """Non-streaming: the whole chain runs in an executor thread under one deadline (SPEC §5.2)."""
         state = self.state
         timeout = state.config.server.request_timeout_secs
         deadline = time.monotonic() + timeout
         cancel = threading.Event()
-        caller = self._caller(raw, timeout)
+        caller = self._caller(raw, request_body, timeout)
         future = state.executor().submit(
             run_chain, candidates, caller.json, retry=state.config.retry, breakers=state.breakers,
             cancel=cancel, deadline=deadline, attempts=self.attempts,
@@ -153,14 +164,15 @@ class ChatRequest:
             headers["x-arbstr-cost-sats"] = costs.header_value(cost)
         log.info("request_id=%s model=%s provider=%s status=%d latency_ms=%d cost_sats=%s",
                  self.id, self.model, provider, status, latency, _fmt(cost))
-        return Response(body, status, headers, mimetype="application/json")
+        return Response(self.edge.answer(body, parsed, self.model or "", self.meta), status, headers,
+                        mimetype="application/json")
 
     def _stream(self, body: dict[str, Any], candidates: list[Provider], client: socket.socket | None) -> Response:
         """Streaming: fail over until the first event (SPEC §5.2), then relay; the end updates the row."""
         state = self.state
         upstream_body, wants_usage = chat_body.stream_body(body)
         idle = state.config.server.stream_idle_timeout_secs
-        caller = self._caller(upstream_body, idle, idle_timeout=idle)
+        caller = self._caller(chat_body.encode(upstream_body), upstream_body, idle, idle_timeout=idle)
         outcome = run_chain(candidates, caller.stream, retry=state.config.retry, breakers=state.breakers,
                             cancel=threading.Event(), attempts=self.attempts, hold=True)
         if outcome.error is not None:
@@ -172,12 +184,14 @@ class ChatRequest:
         headers = self._answer_headers()
         headers.update({"x-arbstr-streaming": "true", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         ctx = StreamContext(
-            request_id=self.id, provider=provider.name, started=self.started, client_wants_usage=wants_usage,
+            request_id=self.id, provider=provider.name, started=self.started,
+            client_wants_usage=wants_usage or self.edge.wants_usage,
             choices=chat_body.choices(body), cost=lambda usage: costs.charge(provider, usage, self.field).cost_sats,
             on_end=lambda summary: self._stream_ended(provider, permit, summary), scrub=state.scrub,
             client_gone=(lambda: _peer_closed(client)) if client is not None else (lambda: False),
         )
-        return Response(relay(ctx, outcome.result.payload), 200, headers, mimetype="text/event-stream",
+        events = self.edge.stream(relay(ctx, outcome.result.payload), self.model or "", self.meta)
+        return Response(events, 200, headers, mimetype="text/event-stream",
                         direct_passthrough=True)
 
     def _stream_ended(self, provider: Provider, permit: Permit, summary: StreamSummary) -> None:
@@ -255,6 +269,10 @@ class ChatRequest:
         log.info("request_id=%s model=%s provider=%s status=%d code=%s latency_ms=%d",
                  self.id, self.model, provider, error.status, error.code, latency)
         return error
+
+    def error_body(self, error: ArbstrError) -> dict[str, Any]:
+        """The error as this request's API shapes it (OpenAI's, or Anthropic's on /v1/messages)."""
+        return self.edge.error_body(error, error.body(self.state.scrub))
 
     def finish(self, response: Response) -> None:
         """Last look at any answer on this route: it carries the ids, and its row is written."""

@@ -6,6 +6,7 @@ touches no I/O; the caller owns the breaker registry and the latency window.
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,6 +31,18 @@ def match_policy(rules: Sequence[PolicyRule], header: str | None, messages: Sequ
             if any(k.lower() in text for k in rule.keywords if k):
                 return rule
     return None
+
+
+def resolve_alias(aliases: Sequence[tuple[str, str]], model: str) -> str:
+    """The model id to route for a name a client sent (SPEC §1 ``[aliases]``): an exact name first, then
+    the first glob pattern (``claude-*``) that matches, else the name itself."""
+    for name, target in aliases:
+        if name == model:
+            return target
+    for pattern, target in aliases:
+        if fnmatch.fnmatchcase(model, pattern):
+            return target
+    return model
 
 
 def price_key(provider: Provider) -> float:
