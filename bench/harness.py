@@ -72,7 +72,11 @@ def write_arbstr_config(directory: Path, providers: Sequence[tuple[str, str, Seq
 
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The servers' environment: no ``ARBSTR_*``, and this checkout first on the import path, so that a bench
+    run from another worktree measures that worktree's arbstr_core, not the venv's editable install (the
+    bare forwarder runs from bench/, where only PYTHONPATH finds the package its gunicorn.conf.py imports)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ARBSTR_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env
