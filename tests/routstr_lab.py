@@ -4,14 +4,30 @@ Why: arbstr's providers are Routstr nodes paid with Cashu ecash. Tests against `
 check arbstr against a fake that agrees with arbstr; this lab checks it against what a real node
 charges, to the msat.
 
-Use it with ``pytest_plugins = ["routstr_lab"]`` in the test module (preferred: pytest registers the
-plugin once, so every module that asks for it shares one lab), or ``from routstr_lab import
-routstr_lab  # noqa: F401`` (that defines the fixture in the importing module: two modules doing so
-would bring up two labs). Import its names only under ``TYPE_CHECKING`` (or after
-``pytest.register_assert_rewrite("routstr_lab")``): imported before pytest loads it as a plugin, it
-cannot be assertion-rewritten and pytest warns. The session fixture ``routstr_lab`` runs the lab's ``up.sh`` once per
-session (LAB = a pytest temp dir, NS = a unique namespace name; about 30 s with the venvs cached in
-``~/.cache/routstr-lab``, a minute or more the first time) and ``down.sh`` at the end, whatever happens.
+Use: ``pytest_plugins = ["routstr_lab"]`` in the test module (pytest registers the plugin once, so
+every module that asks for it shares one lab). ``from routstr_lab import routstr_lab  # noqa: F401``
+also works, but ruff then flags each test parameter of that name (F811), and it defines the fixture
+in the importing module: two modules doing so bring up two labs.
+Import its names for type hints under ``TYPE_CHECKING`` only: imported before pytest loads it as a
+plugin, the module cannot be assertion-rewritten and pytest warns.
+
+The session fixture ``routstr_lab`` runs the lab's ``up.sh`` once per session (LAB = a pytest temp
+dir, NS = a unique namespace name, default ports; about 30 s with the venvs cached in
+``~/.cache/routstr-lab``, about a minute the first time) and ``down.sh`` at the end, whatever happens.
+One lab per cache at a time: a second session waits for the first one's lock (``_cache_lock``). It
+yields a ``RoutstrLab``:
+  ``node_url``                     the node's base URL inside the namespace (``http://127.0.0.1:8000/v1``)
+  ``token``                        the minted 1000-sat Cashu token, a ``SecretStr``
+  ``models()``                     the node's ``/v1/models`` JSON (``sats_pricing`` in sats per token)
+  ``balance_info(key)``            the node's ``/v1/balance/info`` JSON (msats); ``wait_settled`` polls it
+  ``restart_node(btc_usd=...)``    the same node with another BTC price, same DB (balances survive);
+                                   the price stays for the session (``btc_usd``): read prices from
+                                   ``models()``, or restart the node at the price a test needs
+  ``start_arbstr(config, env=...)`` ``gunicorn arbstr:app`` in the namespace → ``ArbstrInNamespace``
+                                   (``get``/``post``/``openai_client``/``log_text``/``stop``)
+  ``send_tokens(*sats, spend=)``   fresh Cashu tokens from the lab's wallet (SecretStr); those at the
+                                   indexes in ``spend`` taken back at once, so the mint says spent
+  ``run(fn, ...)``, ``session()``  anything else in the namespace; ``upstream_requests()``, ``node_log()``
 
 Skip or fail: it skips, with the reason in pytest's summary, when the lab cannot run here: not root,
 ``ip``/``curl``/``python3`` missing, the lab scripts missing, ``ip netns add`` or ``setns`` refused,
@@ -32,16 +48,17 @@ node and the mint listen on TCP inside the namespace anyway (one mechanism for e
 arbstr keeps serving TCP as in production.
 
 Secrets: the minted token is money. ``RoutstrLab.token`` (and ``api_key`` in ``balance_info``) is a
-``SecretStr``: a ``str`` whose ``repr`` is redacted, so pytest's assertion messages do not show it; still
-never put it in an f-string of a message, and
-compare it against text as a precomputed bool, not ``assert token not in text`` (on failure pytest
-would print ``text``, which then holds the token). Lab log tails in failure messages are scrubbed.
+``SecretStr``: a ``str`` whose ``repr`` is redacted, so pytest's assertion messages do not show it.
+Still never put it in a message, and test for it in text as a precomputed bool, not ``assert token
+not in text`` (on failure pytest would print ``text``, which then holds the token). Lab log tails in
+failure messages are scrubbed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import functools
 import json
 import math
@@ -51,11 +68,12 @@ import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -72,11 +90,32 @@ ROOT = Path(__file__).resolve().parent.parent
 LAB_SRC = Path(os.environ.get("ROUTSTR_LAB_SRC", "/work/shared/routstr-lab"))
 NODE_PORT = 8000  # up.sh's default; inside the namespace, so it cannot clash with the host
 NODE_URL = f"http://127.0.0.1:{NODE_PORT}/v1"
+MINT_PORT = 3338  # up.sh's default mint port, inside the namespace
 UP_TIMEOUT = float(os.environ.get("ROUTSTR_LAB_UP_TIMEOUT", "900"))  # first run installs two venvs
+LOCK_TIMEOUT = float(os.environ.get("ROUTSTR_LAB_LOCK_TIMEOUT", "900"))  # another session's lab is up
 CLONE_NEWNET = 0x40000000
 _TOKEN_RE = re.compile(r"cashu[AB][A-Za-z0-9_=-]{20,}|sk-[A-Za-z0-9]{16,}")
 
 T = TypeVar("T")
+
+# The lab wallet's CLI (as up.sh runs it), driven in one process: argv[1] is [[sats, spend], ...]; prints
+# "TOKEN <token>" per entry, in order. Run by RoutstrLab.wallet_python with the mint venv's Python.
+_WALLET_SCRIPT = r"""
+import contextlib, io, json, re, sys
+from cashu.wallet.cli.cli import cli
+
+def run(*args):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        cli.main(args=["--yes", *args], prog_name="cashu", standalone_mode=False)
+    return buf.getvalue()
+
+for sats, spend in json.loads(sys.argv[1]):
+    token = re.search(r"cashu[AB][A-Za-z0-9_=-]+", run("send", str(sats))).group(0)
+    if spend:
+        run("receive", token)
+    print("TOKEN " + token, flush=True)
+"""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -373,6 +412,7 @@ class RoutstrLab:
         self.cache_dir = cache_dir  # up.sh's LAB_CACHE: the venvs and the node's source copy
         self.node_url = NODE_URL
         self.token = SecretStr("")
+        self.btc_usd = 100_000.0  # up.sh's BTC_USD; restart_node changes it
         self._session = namespaced_session(ns)
         self._children: list[subprocess.Popen[bytes]] = []  # nodes started by restart_node
         self._arbstrs: list[ArbstrInNamespace] = []
@@ -482,6 +522,7 @@ class RoutstrLab:
             with contextlib.suppress(requests.RequestException, KeyError, IndexError, ValueError):
                 prompt = self.models()["data"][0]["sats_pricing"]["prompt"]
                 if math.isclose(prompt, want, rel_tol=1e-6):
+                    self.btc_usd = float(btc_usd)
                     return
             if time.monotonic() > deadline:
                 raise AssertionError(f"restarted node did not list prompt price {want} sat/token within {timeout}s:"
@@ -512,6 +553,44 @@ class RoutstrLab:
                 raise AssertionError(f"port {NODE_PORT} still taken after the node exited")
             time.sleep(0.05)
 
+    # -- the wallet (up.sh step 3: it minted 5000 sat and sent 1000 as ``token``)
+
+    def send_tokens(self, *amounts: int, spend: Collection[int] = ()) -> list[SecretStr]:
+        """New Cashu tokens of ``amounts`` sat from the lab wallet (its ``cashu send``), made in one wallet
+        process: the cashu import alone takes about 4 s, so one process per token would add up. A fresh
+        token is unspent and unknown to the node: its first use there redeems it into an account of about
+        that balance (the mint keeps a small fee). The tokens at the indexes in ``spend`` are received
+        back into the wallet at once (``cashu receive``, a swap at the mint): a node that never saw
+        such a token tries to redeem it and answers 400 ``cashu_token_already_spent``."""
+        plan = [[int(sats), i in set(spend)] for i, sats in enumerate(amounts)]
+        out = self.wallet_python(_WALLET_SCRIPT, json.dumps(plan))
+        found = [line.removeprefix("TOKEN ") for line in out.splitlines() if line.startswith("TOKEN ")]
+        if len(found) != len(plan) or not all(_TOKEN_RE.fullmatch(t) for t in found):
+            raise AssertionError(f"the wallet made {len(found)} of {len(plan)} tokens: "
+                                 f"{_scrub(out[-1000:], self.token)}")
+        return [SecretStr(t) for t in found]
+
+    def send_token(self, sats: int) -> SecretStr:
+        """One fresh token (see ``send_tokens``)."""
+        return self.send_tokens(sats)[0]
+
+    def spent_token(self, sats: int = 2) -> SecretStr:
+        """One token the mint knows as spent (see ``send_tokens``)."""
+        return self.send_tokens(sats, spend={0})[0]
+
+    def wallet_python(self, script: str, *args: str, timeout: float = 120.0) -> str:
+        """``python -c script ARGS`` with the mint venv's Python and the lab wallet's settings, inside the
+        namespace; its stdout. Output may hold tokens: a failure shows it scrubbed."""
+        argv = ["ip", "netns", "exec", self.ns, str(self.cache_dir / "mintenv/bin/python"), "-c", script, *args]
+        env = {**os.environ, "CASHU_DIR": str(self.lab_dir / "wallet"), "MINT_URL": f"http://127.0.0.1:{MINT_PORT}",
+               "TOR": "false", "HOME": str(self.lab_dir / "wallet")}  # HOME: no ~/.cashu of the machine's user
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False, env=env,
+                              stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            raise AssertionError(f"wallet script exited with {done.returncode}:\n"
+                                 f"{_scrub(done.stdout[-1500:] + done.stderr[-3000:], self.token)}")
+        return done.stdout
+
     # -- arbstr
 
     def start_arbstr(
@@ -535,18 +614,47 @@ class RoutstrLab:
                  for name in ("up.log", "mint.log", "node.log", "fake.log")]
         return _scrub("\n".join(parts), self.token)
 
-    def up(self, timeout: float = UP_TIMEOUT) -> None:
-        """Run up.sh (output to $LAB/up.log) and check its result; pytest.fail with the logs if not."""
-        with open(self.lab_dir / "up.log", "wb") as log:
-            try:
-                rc = subprocess.run([str(LAB_SRC / "up.sh")], env=self._env(), stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, timeout=timeout, check=False,
-                                    start_new_session=True).returncode
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"routstr lab: up.sh did not finish within {timeout:.0f}s (LAB={self.lab_dir})\n"
+    def up(self, timeout: float = UP_TIMEOUT, attempts: int = 3) -> None:
+        """Run up.sh (output to $LAB/up.log) and check its result; pytest.fail with the logs if not.
+
+        A known race of the lab's mint is repaired: with ``FAKEWALLET_DELAY_INCOMING_PAYMENT=0`` (up.sh)
+        the FakeWallet can report the invoice paid before the quote is stored; the mint logs ``Quote not
+        found``, the quote stays unpaid, and up.sh's ``cashu invoice 5000`` waits for it forever (seen
+        here in 2 of 5 runs; up.sh then hit the 900 s timeout). ``_run_up`` first asks the mint for the
+        state of its unpaid quotes (``GET /v1/mint/quote/bolt11/<id>``: the mint then checks the backend,
+        marks the quote paid and notifies the waiting wallet); if that does not free it, up.sh's process
+        group is killed, down.sh cleans up, and up.sh runs again in a fresh namespace and directory (the
+        failed attempt's logs are kept as ``attempt-N/``)."""
+        for attempt in range(1, attempts + 1):
+            outcome = self._run_up(timeout)
+            if outcome != "mint race":
+                break
+            if attempt == attempts:
+                pytest.fail(f"routstr lab: the mint's invoice race hung up.sh {attempts} times (LAB={self.lab_dir})\n"
                             f"{self._logs_tail()}", pytrace=False)
-        if rc != 0:
-            pytest.fail(f"routstr lab: up.sh exited with {rc} (LAB={self.lab_dir})\n{self._logs_tail()}",
+            print(f"routstr lab: mint invoice race ('Quote not found'), retrying up.sh ({attempt}/{attempts})",
+                  file=sys.stderr)
+            subprocess.run([str(LAB_SRC / "down.sh")], env=self._env(), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, timeout=60, check=False)
+            kept = self.lab_dir / f"attempt-{attempt}"
+            kept.mkdir()
+            for entry in list(self.lab_dir.iterdir()):
+                if entry.name.startswith("attempt-"):
+                    continue
+                if entry.suffix == ".log":
+                    entry.rename(kept / entry.name)
+                elif entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            reason = _create_namespace(self.ns)
+            if reason:
+                pytest.fail(f"routstr lab: could not recreate the namespace for a retry: {reason}", pytrace=False)
+        if outcome == "timeout":
+            pytest.fail(f"routstr lab: up.sh did not finish within {timeout:.0f}s (LAB={self.lab_dir})\n"
+                        f"{self._logs_tail()}", pytrace=False)
+        if outcome != 0:
+            pytest.fail(f"routstr lab: up.sh exited with {outcome} (LAB={self.lab_dir})\n{self._logs_tail()}",
                         pytrace=False)
         token_path = self.lab_dir / "token.txt"
         token = token_path.read_text().strip() if token_path.exists() else ""
@@ -560,6 +668,46 @@ class RoutstrLab:
         if not models:
             pytest.fail(f"routstr lab: the node lists no model (upstream not registered?)\n{self._logs_tail()}",
                         pytrace=False)
+
+    def _run_up(self, timeout: float, give_up_after_nudge: float = 10.0) -> int | str:
+        """One up.sh run: its exit code, "timeout", or "mint race" (killed: see ``up``)."""
+        mint_log = self.lab_dir / "mint.log"
+        with open(self.lab_dir / "up.log", "wb") as log:
+            proc = subprocess.Popen([str(LAB_SRC / "up.sh")], env=self._env(), stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        nudged: float | None = None
+        while True:
+            try:
+                return proc.wait(0.25)
+            except subprocess.TimeoutExpired:
+                pass
+            stuck = not (self.lab_dir / "token.txt").exists() and "Quote not found" in (
+                mint_log.read_text(errors="replace") if mint_log.exists() else "")
+            if stuck and nudged is None:
+                nudged = time.monotonic()
+                print(f"routstr lab: mint invoice race ('Quote not found'): asked the mint to recheck "
+                      f"{self._nudge_unpaid_quotes()} unpaid quote(s)", file=sys.stderr)
+            raced = stuck and nudged is not None and time.monotonic() - nudged > give_up_after_nudge
+            if raced or time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # up.sh's own group: the hung wallet, the mint, …
+                proc.wait(10)
+                return "mint race" if raced else "timeout"
+
+    def _nudge_unpaid_quotes(self) -> int:
+        """GET every unpaid mint quote from the mint (which then rechecks its backend); how many."""
+        db = self.lab_dir / "mintdata" / "mint" / "mint.sqlite3"
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
+                quotes = [row[0] for row in conn.execute("SELECT quote FROM mint_quotes WHERE state = 'UNPAID'")]
+        except sqlite3.Error as e:
+            print(f"routstr lab: cannot read the mint's quotes: {e}", file=sys.stderr)
+            return 0
+        for quote in quotes:
+            with contextlib.suppress(requests.RequestException):
+                self._session.get(f"http://127.0.0.1:{MINT_PORT}/v1/mint/quote/bolt11/{quote}", timeout=10)
+        return len(quotes)
 
     def down(self) -> None:
         """Stop arbstr servers, then down.sh (by pid files, then every process left in the namespace,
@@ -602,6 +750,36 @@ def _create_namespace(ns: str) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _cache_lock(cache: Path, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+    """Hold an exclusive lock on the lab cache for the session: one lab per cache at a time.
+
+    Why: the node runs from the cache's copy of its source and keeps its Cashu wallet
+    (``.wallet/wallet.sqlite3``: the redeemed ecash) and ``logs/`` there, not in $LAB, and up.sh
+    deletes both at start; a second session's up.sh would pull them from under the first one's node.
+    A concurrent session waits here (up to ``timeout``, then fails) instead."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".arbstr-session.lock", "a+") as lock:
+        deadline = time.monotonic() + timeout
+        waited = False
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waited:
+                    print(f"routstr lab: waiting for another session's lab ({cache} is locked)", file=sys.stderr)
+                    waited = True
+                if time.monotonic() > deadline:
+                    pytest.fail(f"routstr lab: {cache} stayed locked by another session's lab for {timeout:.0f}s",
+                                pytrace=False)
+                time.sleep(1)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def routstr_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoutstrLab]:
     """The lab, up once per session (skipped with the reason when this machine cannot run it; an
@@ -609,15 +787,16 @@ def routstr_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoutstrLab
     reason = _unavailable_reason()
     if reason:
         pytest.skip(f"routstr lab: {reason}")
-    ns = f"arbstr-lab-{os.getpid()}-{secrets.token_hex(3)}"
-    reason = _create_namespace(ns)
-    if reason:
-        pytest.skip(f"routstr lab: {reason}")
     cache = Path(os.environ.get("LAB_CACHE")
                  or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "routstr-lab")
-    lab = RoutstrLab(ns, tmp_path_factory.mktemp("routstr-lab"), cache)
-    try:
-        lab.up()
-        yield lab
-    finally:
-        lab.down()
+    with _cache_lock(cache):
+        ns = f"arbstr-lab-{os.getpid()}-{secrets.token_hex(3)}"
+        reason = _create_namespace(ns)
+        if reason:
+            pytest.skip(f"routstr lab: {reason}")
+        lab = RoutstrLab(ns, tmp_path_factory.mktemp("routstr-lab"), cache)
+        try:
+            lab.up()
+            yield lab
+        finally:
+            lab.down()

@@ -68,7 +68,9 @@ def select_candidates(
     if not usable:
         raise ArbstrError(
             503,
-            f"Every provider of '{model}' has an open circuit; try again shortly",
+            f"No provider of '{model}' can take requests now: each has an open circuit, a rejected key or a "
+            "balance below [market] min_balance_sats (GET /health says which); open circuits let a probe "
+            "through shortly",
             type="upstream_error",
             code="all_circuits_open",
         )
