@@ -221,3 +221,12 @@ def test_a_claude_code_body_through_an_alias_and_a_cap(fake_upstream, make_confi
     assert "$schema" not in json.dumps(sent) and "cache_control" not in json.dumps(sent)
     row = settled(server, r.headers["x-arbstr-request-id"])
     assert row["model"] == body["model"] and row["status"] == "complete"
+
+
+def test_mock_mode_answers_messages_through_the_same_translation(gunicorn_server) -> None:
+    server = gunicorn_server(mock=True)
+    c = client(server)
+    message = c.messages.create(model="gpt-4o", max_tokens=50, messages=HI)
+    assert message.content[0].type == "text" and message.content[0].text and message.usage.output_tokens > 0
+    with c.messages.stream(model="gpt-4o", max_tokens=50, messages=HI) as stream:
+        assert "".join(stream.text_stream) and stream.get_final_message().usage.output_tokens > 0
