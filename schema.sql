@@ -15,7 +15,9 @@
 --
 -- timestamp is ISO 8601 UTC with milliseconds and Z ("2026-05-01T12:34:56.789Z") so that text order
 -- is time order and range filters use the index. model, provider and policy compare case-insensitively
--- (COLLATE NOCASE), so filters and grouping ignore case and still use their indexes.
+-- (COLLATE NOCASE), so filters and grouping ignore case and still use their indexes. api is NULL in the
+-- rows logged before version 3, which all came through chat completions: readers take NULL as 'chat'
+-- (log/db.py API_OF_ROW), and so do the hourly tables.
 
 CREATE TABLE IF NOT EXISTS requests (
     id                 INTEGER PRIMARY KEY,
@@ -40,12 +42,16 @@ CREATE TABLE IF NOT EXISTS requests (
     client_retry_count INTEGER,                      -- x-stainless-retry-count sent by the client
     writer             TEXT,                         -- token of the LogStore that inserted the row (not in the API)
     -- Version 3 (after writer: ALTER TABLE appends, so a new and a migrated database have one column order).
-    -- Rows written before version 3 have NULL in all five: their reported cost and savings are unknown.
+    -- Rows written before version 3 have NULL in all seven: their reported cost and savings are unknown.
     cached_tokens      INTEGER,                      -- usage.prompt_tokens_details.cached_tokens, part of input_tokens
     reasoning_tokens   INTEGER,                      -- usage.completion_tokens_details.reasoning_tokens, part of output_tokens
     cost_source        TEXT,                         -- cost_sats is: 'provider' (what it said it charged), 'rates'; NULL: unknown
     rates_cost_sats    REAL,                         -- the rates formula for the usage (SPEC §2.3), whatever cost_source says
-    max_cost_sats      REAL                          -- the rates formula at the dearest provider that could have served it
+    max_cost_sats      REAL,                         -- the rates formula at the dearest provider that could have served it
+    api                TEXT,                         -- the client's API: 'chat' (/v1/chat/completions), 'messages'
+                                                     -- (/v1/messages); NULL: logged before version 3, read as 'chat'
+    routed_model       TEXT    COLLATE NOCASE        -- the model id sent to providers when an [aliases] entry renamed
+                                                     -- model (which keeps the client's name); NULL: model itself
 );
 
 -- Filters and sorts of /v1/stats and /v1/requests. SQLite appends the rowid (id) to every index,
@@ -59,14 +65,15 @@ CREATE INDEX IF NOT EXISTS idx_requests_streaming ON requests (streaming, timest
 -- Sorting by cost: each hour's rows in cost order, with the filter columns so that rows which do not
 -- match are skipped without reading the table; a page merges the hours (reads/costorder.py).
 CREATE INDEX IF NOT EXISTS idx_requests_hour_cost
-    ON requests (substr(timestamp, 1, 13), cost_sats, timestamp, success, streaming, model, provider, policy);
+    ON requests (substr(timestamp, 1, 13), cost_sats, timestamp, success, streaming, model, provider, policy, api);
 -- Sorting by latency, and latency percentiles over many rows (SPEC §4.7 p50/p95/p99 of successful
 -- requests), walk this index in latency order, from the edge of the latency band that holds the rank
--- (requests_latency_hourly below), and check success, time and name filters without reading the table.
-CREATE INDEX IF NOT EXISTS idx_requests_latency   ON requests (latency_ms, success, timestamp, model, provider, policy);
+-- (requests_latency_hourly below), and check success, time, name and API filters without reading the table.
+CREATE INDEX IF NOT EXISTS idx_requests_latency
+    ON requests (latency_ms, success, timestamp, model, provider, policy, api);
 -- The same, hour by hour: the percentiles of one hour (group_by=hour) walk only that hour's rows.
 CREATE INDEX IF NOT EXISTS idx_requests_hour_latency
-    ON requests (substr(timestamp, 1, 13), success, latency_ms, timestamp, model, provider, policy);
+    ON requests (substr(timestamp, 1, 13), success, latency_ms, timestamp, model, provider, policy, api);
 -- Only the rows of streams in flight: the startup sweep that marks orphans 'interrupted' reads it.
 CREATE INDEX IF NOT EXISTS idx_requests_streaming_status ON requests (writer) WHERE status = 'streaming';
 
@@ -76,7 +83,7 @@ CREATE INDEX IF NOT EXISTS idx_requests_streaming_status ON requests (writer) WH
 -- transaction (log/db.py roll_up): one GROUP BY per batch costs the writer far less than a trigger per
 -- insert (which also made SQLite keep a statement journal for every row). Updates and deletes of rows
 -- already folded in are applied by the triggers below, in the same transaction. NULL model, provider
--- and policy are stored as ''.
+-- and policy are stored as '', a NULL api as 'chat'. The key is log/db.py KEY_OF_ROW.
 CREATE TABLE IF NOT EXISTS rollup_state (
     one  INTEGER PRIMARY KEY CHECK (one = 1),
     upto INTEGER NOT NULL                            -- rows with id <= upto are in the hourly tables
@@ -91,6 +98,7 @@ CREATE TABLE IF NOT EXISTS requests_hourly (
     model              TEXT    NOT NULL COLLATE NOCASE,
     provider           TEXT    NOT NULL COLLATE NOCASE,
     policy             TEXT    NOT NULL COLLATE NOCASE,
+    api                TEXT    NOT NULL,             -- 'chat', 'messages'
     total              INTEGER NOT NULL,
     success            INTEGER NOT NULL,
     streaming          INTEGER NOT NULL,
@@ -111,14 +119,16 @@ CREATE TABLE IF NOT EXISTS requests_hourly (
     latency_n          INTEGER NOT NULL,
     ttft_sum           REAL    NOT NULL,             -- successful rows with a ttft
     ttft_n             INTEGER NOT NULL,
-    PRIMARY KEY (hour, model, provider, policy)
+    PRIMARY KEY (hour, model, provider, policy, api)
 ) WITHOUT ROWID;
 
 -- Successful latencies counted per hour, name and band: a percentile's rank falls in a known band, and
 -- the walk in idx_requests_latency starts at that band's edge (reads/percentiles.py), so the narrower the
 -- bands the shorter the walk, and the more rows here. Four bands an octave (4, 5, 6, 7, 8, 10, 12, ...
 -- ms, up to 8 hours), below 4 ms one a millisecond, below 1 ms one. Never change the bands of an
--- existing database: the counts are filed under them.
+-- existing database: the counts are filed under them. The key is the hourly key and the band, stored
+-- hour, band, then the names: readers sum the bands hour by hour in this order, which SQLite does as it
+-- reads, without sorting every row of the range (reads/queries.py FEW_NAMES).
 CREATE TABLE IF NOT EXISTS latency_bands (lo INTEGER PRIMARY KEY);  -- a band is [lo, next lo)
 INSERT OR IGNORE INTO latency_bands (lo) VALUES (-9223372036854775808), (1), (2), (3);
 WITH RECURSIVE octave(base) AS (SELECT 1 UNION ALL SELECT base * 2 FROM octave WHERE base < 4194304)
@@ -128,9 +138,10 @@ CREATE TABLE IF NOT EXISTS requests_latency_hourly (
     model    TEXT    NOT NULL COLLATE NOCASE,
     provider TEXT    NOT NULL COLLATE NOCASE,
     policy   TEXT    NOT NULL COLLATE NOCASE,
+    api      TEXT    NOT NULL,
     band     INTEGER NOT NULL,                       -- latency_bands.lo
     n        INTEGER NOT NULL,
-    PRIMARY KEY (hour, model, provider, policy, band)
+    PRIMARY KEY (hour, band, model, provider, policy, api)
 ) WITHOUT ROWID;
 
 -- A row's key and sums (log/db.py SUMS) leave the hourly totals when it is deleted, and move when it is
@@ -139,7 +150,7 @@ CREATE TRIGGER IF NOT EXISTS requests_hourly_delete AFTER DELETE ON requests
 WHEN OLD.id <= (SELECT upto FROM rollup_state) BEGIN
     INSERT INTO requests_hourly VALUES (
         substr(OLD.timestamp, 1, 13), COALESCE(OLD.model, ''), COALESCE(OLD.provider, ''),
-        COALESCE(OLD.policy, ''), -1, -(OLD.success = 1), -(OLD.streaming = 1),
+        COALESCE(OLD.policy, ''), COALESCE(OLD.api, 'chat'), -1, -(OLD.success = 1), -(OLD.streaming = 1),
         -(OLD.success = 1 AND OLD.streaming = 1),
         -COALESCE(OLD.input_tokens, 0), -COALESCE(OLD.output_tokens, 0),
         -COALESCE(OLD.cached_tokens, 0), -COALESCE(OLD.reasoning_tokens, 0),
@@ -164,9 +175,9 @@ WHEN OLD.id <= (SELECT upto FROM rollup_state) BEGIN
         ttft_sum = ttft_sum + excluded.ttft_sum, ttft_n = ttft_n + excluded.ttft_n;
     DELETE FROM requests_hourly WHERE total = 0 AND hour = substr(OLD.timestamp, 1, 13)
         AND model = COALESCE(OLD.model, '') AND provider = COALESCE(OLD.provider, '')
-        AND policy = COALESCE(OLD.policy, '');
+        AND policy = COALESCE(OLD.policy, '') AND api = COALESCE(OLD.api, 'chat');
     INSERT INTO requests_latency_hourly SELECT substr(OLD.timestamp, 1, 13), COALESCE(OLD.model, ''),
-        COALESCE(OLD.provider, ''), COALESCE(OLD.policy, ''),
+        COALESCE(OLD.provider, ''), COALESCE(OLD.policy, ''), COALESCE(OLD.api, 'chat'),
         (SELECT MAX(lo) FROM latency_bands WHERE lo <= OLD.latency_ms), -1
         WHERE OLD.success = 1 AND OLD.latency_ms IS NOT NULL ON CONFLICT DO UPDATE SET n = n + excluded.n;
     DELETE FROM requests_latency_hourly WHERE n = 0 AND hour = substr(OLD.timestamp, 1, 13);
@@ -177,12 +188,12 @@ WHEN OLD.id <= (SELECT upto FROM rollup_state) BEGIN
 END;
 
 CREATE TRIGGER IF NOT EXISTS requests_hourly_update AFTER UPDATE OF
-    timestamp, model, provider, policy, streaming, success, input_tokens, output_tokens, cached_tokens,
+    timestamp, model, provider, policy, api, streaming, success, input_tokens, output_tokens, cached_tokens,
     reasoning_tokens, cost_sats, cost_source, rates_cost_sats, max_cost_sats, latency_ms, ttft_ms
 ON requests WHEN OLD.id <= (SELECT upto FROM rollup_state) BEGIN
     INSERT INTO requests_hourly VALUES (
         substr(OLD.timestamp, 1, 13), COALESCE(OLD.model, ''), COALESCE(OLD.provider, ''),
-        COALESCE(OLD.policy, ''), -1, -(OLD.success = 1), -(OLD.streaming = 1),
+        COALESCE(OLD.policy, ''), COALESCE(OLD.api, 'chat'), -1, -(OLD.success = 1), -(OLD.streaming = 1),
         -(OLD.success = 1 AND OLD.streaming = 1),
         -COALESCE(OLD.input_tokens, 0), -COALESCE(OLD.output_tokens, 0),
         -COALESCE(OLD.cached_tokens, 0), -COALESCE(OLD.reasoning_tokens, 0),
@@ -207,7 +218,7 @@ ON requests WHEN OLD.id <= (SELECT upto FROM rollup_state) BEGIN
         ttft_sum = ttft_sum + excluded.ttft_sum, ttft_n = ttft_n + excluded.ttft_n;
     INSERT INTO requests_hourly VALUES (
         substr(NEW.timestamp, 1, 13), COALESCE(NEW.model, ''), COALESCE(NEW.provider, ''),
-        COALESCE(NEW.policy, ''), 1, (NEW.success = 1), (NEW.streaming = 1),
+        COALESCE(NEW.policy, ''), COALESCE(NEW.api, 'chat'), 1, (NEW.success = 1), (NEW.streaming = 1),
         (NEW.success = 1 AND NEW.streaming = 1),
         COALESCE(NEW.input_tokens, 0), COALESCE(NEW.output_tokens, 0),
         COALESCE(NEW.cached_tokens, 0), COALESCE(NEW.reasoning_tokens, 0),
@@ -232,13 +243,13 @@ ON requests WHEN OLD.id <= (SELECT upto FROM rollup_state) BEGIN
         ttft_sum = ttft_sum + excluded.ttft_sum, ttft_n = ttft_n + excluded.ttft_n;
     DELETE FROM requests_hourly WHERE total = 0 AND hour = substr(OLD.timestamp, 1, 13)
         AND model = COALESCE(OLD.model, '') AND provider = COALESCE(OLD.provider, '')
-        AND policy = COALESCE(OLD.policy, '');
+        AND policy = COALESCE(OLD.policy, '') AND api = COALESCE(OLD.api, 'chat');
     INSERT INTO requests_latency_hourly SELECT substr(OLD.timestamp, 1, 13), COALESCE(OLD.model, ''),
-        COALESCE(OLD.provider, ''), COALESCE(OLD.policy, ''),
+        COALESCE(OLD.provider, ''), COALESCE(OLD.policy, ''), COALESCE(OLD.api, 'chat'),
         (SELECT MAX(lo) FROM latency_bands WHERE lo <= OLD.latency_ms), -1
         WHERE OLD.success = 1 AND OLD.latency_ms IS NOT NULL ON CONFLICT DO UPDATE SET n = n + excluded.n;
     INSERT INTO requests_latency_hourly SELECT substr(NEW.timestamp, 1, 13), COALESCE(NEW.model, ''),
-        COALESCE(NEW.provider, ''), COALESCE(NEW.policy, ''),
+        COALESCE(NEW.provider, ''), COALESCE(NEW.policy, ''), COALESCE(NEW.api, 'chat'),
         (SELECT MAX(lo) FROM latency_bands WHERE lo <= NEW.latency_ms), 1
         WHERE NEW.success = 1 AND NEW.latency_ms IS NOT NULL ON CONFLICT DO UPDATE SET n = n + excluded.n;
     DELETE FROM requests_latency_hourly WHERE n = 0 AND hour = substr(OLD.timestamp, 1, 13);

@@ -48,8 +48,15 @@ def _rates(p: Provider, tin: int, tout: int) -> float:
 
 
 def fake_rows(n: int, span_secs: float, rnd: random.Random) -> Iterator[tuple[Any, ...]]:
-    """``n`` rows in time order over the last ``span_secs``, in logdb.COLUMNS order."""
+    """``n`` rows in time order over the last ``span_secs``, in logdb.COLUMNS order.
+
+    A quarter came through /v1/messages, whatever their model, provider and policy: the most hourly keys
+    the API can add (each splits in two). Half of those named an alias (``gpt-4o`` routed to
+    ``gpt-4o-2025``); ``model`` keeps the same names as before, so the hourly keys differ only by the
+    API. These come from their own random stream: every other value is as before rows had an API.
+    """
     start = time.time() - span_secs
+    apis = random.Random(3)
     for i in range(n):
         p = rnd.choice(PROVIDERS)
         model = rnd.choice(p.models)
@@ -61,6 +68,8 @@ def fake_rows(n: int, span_secs: float, rnd: random.Random) -> Iterator[tuple[An
         reported = known and rnd.random() < 0.3
         cost = round(rates * rnd.uniform(0.9, 1.1), 3) if reported else rates
         latency = int(rnd.lognormvariate(6.5, 0.6))
+        messages = apis.random() < 0.25
+        alias = messages and apis.random() < 0.5
         yield (
             str(uuid.UUID(int=rnd.getrandbits(128), version=4)), utc_timestamp(start + i * span_secs / n),
             model, p.name, rnd.choice(POLICIES), int(stream),
@@ -70,6 +79,7 @@ def fake_rows(n: int, span_secs: float, rnd: random.Random) -> Iterator[tuple[An
             rnd.randint(0, tin) if known and rnd.random() < 0.3 else 0 if known else None,
             rnd.randint(0, tout) if known and rnd.random() < 0.2 else 0 if known else None,
             ("provider" if reported else "rates") if known else None, rates, dearest,
+            "messages" if messages else "chat", f"{model}-2025" if alias else None,
         )
 
 
@@ -160,6 +170,9 @@ def bench_queries(path: Path) -> None:
         ("stats group_by=model", lambda: queries.stats(db, {"group_by": "model"})),
         ("stats group_by=provider", lambda: queries.stats(db, {"group_by": "provider"})),
         ("stats group_by=policy", lambda: queries.stats(db, {"group_by": "policy"})),
+        ("stats group_by=api", lambda: queries.stats(db, {"group_by": "api"})),
+        ("stats api=messages", lambda: queries.stats(db, {"api": "messages"})),
+        ("stats api=chat group_by=model", lambda: queries.stats(db, {"api": "chat", "group_by": "model"})),
         ("stats group_by=day", lambda: queries.stats(db, {"group_by": "day"})),
         ("stats group_by=hour", lambda: queries.stats(db, {"group_by": "hour"})),
         ("stats last_24h group_by=hour", lambda: queries.stats(db, {"range": "last_24h", "group_by": "hour"})),
@@ -175,6 +188,10 @@ def bench_queries(path: Path) -> None:
         ("requests sort=latency_ms asc page=100", lambda: queries.list_requests(
             db, {"sort": "latency_ms", "order": "asc", "page": "100"})),
         ("requests success=false", lambda: queries.list_requests(db, {"success": "false"})),
+        ("requests api=messages", lambda: queries.list_requests(db, {"api": "messages"})),
+        ("requests api=messages sort=cost_sats", lambda: queries.list_requests(db, {"api": "messages", "sort": "cost_sats"})),
+        ("requests api=messages sort=latency_ms page=100", lambda: queries.list_requests(
+            db, {"api": "messages", "sort": "latency_ms", "page": "100"})),
         ("requests model+streaming", lambda: queries.list_requests(db, {"model": "gpt-4o", "streaming": "true"})),
         ("requests success+streaming", lambda: queries.list_requests(db, {"success": "true", "streaming": "true"})),
         ("requests page=5000", lambda: queries.list_requests(db, {"page": "5000"})),

@@ -154,6 +154,15 @@ def test_stats_and_requests_api_reflect_traffic(fake_upstream, make_config, guni
     assert listing["total"] == 3 and listing["total_pages"] == 2 and len(listing["data"]) == 2
     one = server.get(f"/v1/requests/{ids[0]}").json()
     assert one["request_id"] == ids[0] and one["provider"] == "cheap"
+    # Through /v1/chat/completions, with no alias: the model sent is the one asked for.
+    assert (one["api"], one["model"], one["routed_model"]) == ("chat", "gpt-4o", "gpt-4o")
+    assert logged[ids[0]]["api"] in (None, "chat") and logged[ids[0]]["routed_model"] is None
+    by_api = server.get("/v1/stats", params={"range": "last_1h", "group_by": "api"}).json()
+    assert {k: g["counts"] for k, g in by_api["groups"].items()} == {"chat": stats["counts"]}
+    messages = server.get("/v1/requests", params={"range": "last_1h", "api": "messages"}).json()
+    assert (messages["total"], messages["data"]) == (0, [])
+    r = server.get("/v1/stats", params={"api": "anthropic"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "api"
     assert one["tokens"] == {"input": 10, "output": 20, "cached": logged[ids[0]]["cached_tokens"],
                              "reasoning": logged[ids[0]]["reasoning_tokens"]}
     assert one["cost_sats"] == round(cost, 3) and one["cost_source"] in (None, "rates")

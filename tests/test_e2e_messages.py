@@ -230,3 +230,19 @@ def test_mock_mode_answers_messages_through_the_same_translation(gunicorn_server
     assert message.content[0].type == "text" and message.content[0].text and message.usage.output_tokens > 0
     with c.messages.stream(model="gpt-4o", max_tokens=50, messages=HI) as stream:
         assert "".join(stream.text_stream) and stream.get_final_message().usage.output_tokens > 0
+
+
+def test_rows_record_the_api_and_the_routed_model_and_stats_group_by_api(fake_upstream, make_config,
+                                                                         gunicorn_server) -> None:
+    up = fake_upstream(name="p")
+    server = gunicorn_server(make_config([provider(up, "p")], aliases={"claude-sonnet-5": MODEL}))
+    raw = client(server).messages.with_raw_response.create(model="claude-sonnet-5", max_tokens=5, messages=HI)
+    chat = server.post("/v1/chat/completions", json={"model": MODEL, "messages": HI})
+    messages_row = settled(server, raw.headers["x-arbstr-request-id"])
+    chat_row = settled(server, chat.headers["x-arbstr-request-id"])
+    assert (messages_row["api"], messages_row["model"], messages_row["routed_model"]) == (
+        "messages", "claude-sonnet-5", MODEL)
+    assert (chat_row["api"], chat_row["model"], chat_row["routed_model"]) == ("chat", MODEL, MODEL)
+    assert up.requests[0].json["model"] == MODEL
+    groups = server.get("/v1/stats", params={"group_by": "api"}).json()["groups"]
+    assert groups["messages"]["counts"]["total"] == 1 and groups["chat"]["counts"]["total"] == 1

@@ -23,9 +23,11 @@ from arbstr_core.reads import queries
 from arbstr_core.timefmt import utc_timestamp
 
 ROOT = Path(__file__).resolve().parent.parent
-# schema.sql as it was at version 2 (before cached/reasoning tokens, cost_source, rates and max costs).
+# schema.sql as it was at version 2 (before cached/reasoning tokens, cost_source, rates and max costs, the
+# client's API and the routed model).
 V2_SCHEMA = (ROOT / "tests" / "schema_v2.sql").read_text(encoding="utf-8")
-NEW_IN_V3 = ("cached_tokens", "reasoning_tokens", "cost_source", "rates_cost_sats", "max_cost_sats")
+NEW_IN_V3 = ("cached_tokens", "reasoning_tokens", "cost_source", "rates_cost_sats", "max_cost_sats", "api",
+             "routed_model")
 
 
 def row(i: int = 0, **over) -> dict:
@@ -54,6 +56,8 @@ def row(i: int = 0, **over) -> dict:
         "cost_source": "rates",
         "rates_cost_sats": 1.0 + i / 8,
         "max_cost_sats": 1.5 + i / 4,
+        "api": "chat",
+        "routed_model": None,
     }
     base.update(over)
     return base
@@ -104,10 +108,11 @@ def test_row_round_trip_keeps_tokens_cost_and_flags(db: Path) -> None:
     store = LogStore(str(db))
     store.start()
     known = row(3, cost_sats=12.345678901234, retries="2/provider-alpha, 1/provider-beta", client_retry_count=2,
-                cost_source="provider", rates_cost_sats=11.5, max_cost_sats=20.25, cached_tokens=64, reasoning_tokens=8)
+                cost_source="provider", rates_cost_sats=11.5, max_cost_sats=20.25, cached_tokens=64, reasoning_tokens=8,
+                api="messages", model="claude-sonnet-4-5", routed_model="gpt-4o")
     unknown = row(4, cost_sats=None, input_tokens=None, output_tokens=None, success=False, status="error",
                   http_status=502, error_type="upstream_error", error_message="boom", cached_tokens=None,
-                  reasoning_tokens=None, cost_source=None, rates_cost_sats=None, max_cost_sats=None)
+                  reasoning_tokens=None, cost_source=None, rates_cost_sats=None, max_cost_sats=None, api=None)
     stream = row(5, streaming=True, status="streaming", success=False, cost_sats=None, cost_source=None,
                  rates_cost_sats=None, max_cost_sats=None)
     # A row as the request path wrote them before these keys: accepted, the new columns NULL.
@@ -133,14 +138,21 @@ def test_row_round_trip_keeps_tokens_cost_and_flags(db: Path) -> None:
     assert (got["streaming"], got["success"]) == (0, 1)
     got = fetch(db, unknown["request_id"])
     assert got["cost_sats"] is None and got["input_tokens"] is None  # unknown stays unknown, never 0
-    assert all(got[key] is None for key in NEW_IN_V3)
+    assert all(got[key] is None for key in NEW_IN_V3)  # api: None as given, routed_model: no alias
     assert (got["success"], got["error_type"], got["error_message"]) == (0, "upstream_error", "boom")
     got = fetch(db, stream["request_id"])
     assert (got["status"], got["success"], got["streaming"], got["cost_sats"]) == ("complete", 1, 1, 2.5)
     assert (got["input_tokens"], got["output_tokens"], got["ttft_ms"], got["stream_duration_ms"]) == (7, 9, 40, 900)
-    assert [got[key] for key in NEW_IN_V3] == [3, 2, "rates", 2.5, 3.0]
+    assert [got[key] for key in NEW_IN_V3] == [3, 2, "rates", 2.5, 3.0, "chat", None]
     got = fetch(db, older["request_id"])
     assert got["cost_sats"] == older["cost_sats"] and all(got[key] is None for key in NEW_IN_V3)
+    # What /v1/requests shows: the API and the model sent to providers, a NULL API as chat, no alias as the model.
+    shown = {r["request_id"]: (r["api"], r["model"], r["routed_model"]) for r in (
+        queries.get_request(str(db), x["request_id"]) for x in (known, unknown, stream, older))}
+    assert shown == {known["request_id"]: ("messages", "claude-sonnet-4-5", "gpt-4o"),
+                     unknown["request_id"]: ("chat", "gpt-4o", "gpt-4o"),
+                     stream["request_id"]: ("chat", "gpt-4o", "gpt-4o"),
+                     older["request_id"]: ("chat", "gpt-4o", "gpt-4o")}
     assert store.health() == {"queued": 0, "written": 6, "dropped": 0, "db_ok": True, "write_errors": 0}
     assert rollup_is_consistent(db)
 
@@ -454,13 +466,18 @@ def test_schema_triggers_keep_the_sums_log_db_declares() -> None:
     conn = sqlite3.connect(":memory:", isolation_level=None)
     logdb.apply_schema(conn, script)
     columns = [s.column for s in logdb.SUMS]
+    keys = len(logdb.KEY_OF_ROW)
     table = [(name, kind) for _, name, kind, *_ in conn.execute("PRAGMA table_info(requests_hourly)")]
-    assert table[:4] == [(key, "TEXT") for key in logdb.KEY_OF_ROW]
-    assert table[4:] == [(s.column, {int: "INTEGER", float: "REAL"}[s.kind]) for s in logdb.SUMS]
+    assert table[:keys] == [(key, "TEXT") for key in logdb.KEY_OF_ROW]
+    assert table[keys:] == [(s.column, {int: "INTEGER", float: "REAL"}[s.kind]) for s in logdb.SUMS]
+    bands = [name for _, name, *_ in conn.execute("PRAGMA table_info(requests_latency_hourly)")]
+    assert bands == [*logdb.KEY_OF_ROW, "band", "n"]
 
-    # Rows on which every two sums differ somewhere, so that two sums swapped cannot go unnoticed.
+    # Rows on which every two sums differ somewhere, so that two sums swapped cannot go unnoticed; the
+    # key's names in every form (NULL, '', another case; a NULL api counts as 'chat').
     names = ("success", "streaming", "input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens",
              "cost_sats", "cost_source", "rates_cost_sats", "max_cost_sats", "latency_ms", "ttft_ms")
+    key_names = [("Gpt-4o", None, "code", "messages"), (None, "p", "", "chat"), ("gpt-4o", "", None, None)]
     rows = [
         (1, 1, 7, 11, 3, 5, 2.5, "provider", 2.25, 4.0, 300, 40),
         (1, 0, 13, 17, 0, 2, None, None, None, None, 250, None),
@@ -472,9 +489,9 @@ def test_schema_triggers_keep_the_sums_log_db_declares() -> None:
     ]
     for i, r in enumerate(rows):
         conn.execute(
-            f"INSERT INTO requests (request_id, timestamp, model, provider, policy, status, {', '.join(names)}) "
-            f"VALUES (?, '2026-05-01T12:00:00.000Z', 'Gpt-4o', NULL, 'code', 'ok', {', '.join('?' * len(names))})",
-            (f"r{i}", *r),
+            f"INSERT INTO requests (request_id, timestamp, model, provider, policy, api, status, {', '.join(names)}) "
+            f"VALUES (?, '2026-05-01T12:00:00.000Z', ?, ?, ?, ?, 'ok', {', '.join('?' * len(names))})",
+            (f"r{i}", *key_names[i % len(key_names)], *r),
         )
     ids = [r[0] for r in conn.execute("SELECT id FROM requests ORDER BY id")]
 
@@ -484,7 +501,8 @@ def test_schema_triggers_keep_the_sums_log_db_declares() -> None:
 
     for a in range(len(columns)):
         for b in range(a + 1, len(columns)):
-            assert any(declared(i)[4 + a] != declared(i)[4 + b] for i in ids), (columns[a], columns[b])
+            assert any(declared(i)[keys + a] != declared(i)[keys + b] for i in ids), (columns[a], columns[b])
+    assert {declared(i)[keys - 1] for i in ids} == {"chat", "messages"}
 
     triggers = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'"))
     checked = []
@@ -498,8 +516,8 @@ def test_schema_triggers_keep_the_sums_log_db_declares() -> None:
                 got = conn.execute(f"SELECT {terms} FROM requests WHERE id = ?", (i,)).fetchone()
                 want = declared(i)
                 assert len(got) == len(want), name
-                assert got[:4] == want[:4], (name, alias)
-                for column, g, w in zip(columns, got[4:], want[4:], strict=True):
+                assert got[:keys] == want[:keys], (name, alias)
+                for column, g, w in zip(columns, got[keys:], want[keys:], strict=True):
                     assert g == sign * w, (name, alias, column, i)
             checked.append((name, alias))
     conn.close()
@@ -521,15 +539,37 @@ def test_rollup_keeps_up_when_the_newest_rows_go(db: Path) -> None:
     assert rollup_is_consistent(db)
 
 
-# Version 2's roll-up (its log/db.py SUMS, then its latency bands), to leave a database as arbstr at
-# version 2 did: folded rows, the newer ones not yet.
+def test_rollup_follows_the_api_of_folded_rows(db: Path) -> None:
+    """The API is part of the hourly key: updates that change it and deletes of folded rows move their
+    totals between keys (the triggers), and NULL and 'chat' are one key."""
+    conn = logdb.open_writer(str(db))
+    apis = ("chat", "messages", None)
+    logdb.write(conn, [("insert", row(i, api=apis[i % 3])) for i in range(30)], "w")
+    assert conn.execute("SELECT upto FROM rollup_state").fetchone()[0] == 30
+    conn.execute("UPDATE requests SET api = 'messages' WHERE id % 5 = 0")
+    conn.execute("UPDATE requests SET api = NULL, routed_model = 'gpt-4o-2025' WHERE id % 7 = 0")
+    conn.execute("DELETE FROM requests WHERE id % 4 = 0")
+    kept = dict(conn.execute("SELECT api, SUM(total) FROM requests_hourly GROUP BY api").fetchall())
+    conn.close()
+    final = {}
+    for i in range(1, 31):  # ids 1 to 30, as inserted
+        final[i] = None if i % 7 == 0 else "messages" if i % 5 == 0 else apis[(i - 1) % 3]
+    alive = [api or "chat" for i, api in final.items() if i % 4]
+    assert kept == {"chat": alive.count("chat"), "messages": alive.count("messages")}
+    assert rollup_is_consistent(db)
+    assert queries.stats(str(db), {"group_by": "api"})["groups"].keys() == {"chat", "messages"}
+
+
+# Version 2's roll-up (its hourly key and log/db.py SUMS, then its latency bands), to leave a database as
+# arbstr at version 2 did: folded rows, the newer ones not yet.
+V2_KEY = "substr(timestamp, 1, 13), COALESCE(model, ''), COALESCE(provider, ''), COALESCE(policy, '')"
 V2_FOLD = (
-    (f"INSERT INTO requests_hourly SELECT {logdb.HOURLY_KEY}, COUNT(*), TOTAL(success = 1), TOTAL(streaming = 1), "
+    (f"INSERT INTO requests_hourly SELECT {V2_KEY}, COUNT(*), TOTAL(success = 1), TOTAL(streaming = 1), "
      "TOTAL(success = 1 AND streaming = 1), TOTAL(input_tokens), TOTAL(output_tokens), TOTAL(cost_sats), "
      "COUNT(cost_sats), TOTAL(IIF(cost_sats IS NULL, 0, input_tokens)), TOTAL(IIF(cost_sats IS NULL, 0, output_tokens)), "
      "TOTAL(IIF(success = 1, latency_ms, 0)), COUNT(IIF(success = 1, latency_ms, NULL)), "
      "TOTAL(IIF(success = 1, ttft_ms, 0)), COUNT(IIF(success = 1, ttft_ms, NULL)) FROM requests GROUP BY 1, 2, 3, 4"),
-    (f"INSERT INTO requests_latency_hourly SELECT {logdb.HOURLY_KEY}, {logdb.BAND_OF_LATENCY}, COUNT(*) "
+    (f"INSERT INTO requests_latency_hourly SELECT {V2_KEY}, {logdb.BAND_OF_LATENCY}, COUNT(*) "
      f"FROM requests WHERE {logdb.TIMED_OK} GROUP BY 1, 2, 3, 4, 5"),
     "UPDATE rollup_state SET upto = (SELECT MAX(id) FROM requests)",
 )
@@ -586,8 +626,9 @@ def schema_of(path: Path) -> tuple[dict, dict]:
 
 
 def test_version_2_database_is_migrated_losing_nothing(db: Path, tmp_path: Path) -> None:
-    """Every old row kept as it was, the five new columns NULL in them, the hourly totals made again with
-    the new sums, the same layout as a new database; stats and listings read it, new rows add to it."""
+    """Every old row kept as it was, the seven new columns NULL in them, the hourly totals made again with
+    the new sums and the API (NULL: chat), the same layout as a new database; stats and listings read it,
+    new rows add to it."""
     rows = v2_rows(40)
     before = make_v2_database(db, rows, folded=30)
     with pytest.raises(ArbstrError) as err:  # readers do not guess at an old layout
@@ -598,7 +639,7 @@ def test_version_2_database_is_migrated_losing_nothing(db: Path, tmp_path: Path)
     store.start()
     assert store.flush()
     new = row(99, cost_source="provider", cost_sats=2.125, rates_cost_sats=2.0, max_cost_sats=3.5, cached_tokens=30,
-              reasoning_tokens=12)
+              reasoning_tokens=12, api="messages", model="claude-haiku", routed_model="gpt-4o-mini")
     store.insert(new)
     store.close()
 
@@ -634,6 +675,17 @@ def test_version_2_database_is_migrated_losing_nothing(db: Path, tmp_path: Path)
                              "reasoning": None}
     assert (old["cost_sats"], old["cost_source"], old["rates_cost_sats"], old["max_cost_sats"]) == (
         rows[0]["cost_sats"], None, None, None)
+    # Every row before the upgrade came through chat completions, under the model it named.
+    assert (old["api"], old["model"], old["routed_model"]) == ("chat", rows[0]["model"], rows[0]["model"])
+    listed = queries.list_requests(str(db), {"range": "last_24h", "per_page": "100"})["data"]
+    assert [r["request_id"] for r in listed if r["api"] == "messages"] == [new["request_id"]]
+    assert {r["api"] for r in listed} == {"chat", "messages"}
+    grouped = queries.stats(str(db), {"range": "last_24h", "group_by": "api"})["groups"]
+    assert {k: g["counts"]["total"] for k, g in grouped.items()} == {"chat": len(kept) - 1, "messages": 1}
+    assert grouped["messages"]["costs"]["savings_sats"] == 1.375 and grouped["chat"]["costs"]["savings_sats"] == 0
+    for api, n in (("chat", len(kept) - 1), ("messages", 1)):
+        assert queries.stats(str(db), {"range": "last_24h", "api": api})["counts"]["total"] == n
+        assert queries.list_requests(str(db), {"range": "last_24h", "api": api})["total"] == n
 
 
 def test_migration_is_one_transaction(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:

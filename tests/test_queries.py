@@ -47,8 +47,10 @@ def make_rows(n: int = 1500, seed: int = 7) -> list[dict[str, Any]]:
     """Rows as the request path writes them: the rates formula for the usage at the serving provider and at
     the dearest one that could have served it; the cost is the provider's report (sometimes above the
     dearest rates, so the row saves nothing) or the rates. Some rows predate version 3 (no rates, no
-    source, no dearest cost)."""
+    source, no dearest cost, no API: chat). Some came through /v1/messages, some of those naming an alias
+    (routed_model); their own random stream keeps the other values as they were before rows had an API."""
     rnd = random.Random(seed)
+    via = random.Random(seed + 1)
     rows = []
     for i in range(n):
         ts = NOW - timedelta(seconds=rnd.uniform(-600, 40 * 86400))  # a few in the future, some past 30 days
@@ -67,6 +69,8 @@ def make_rows(n: int = 1500, seed: int = 7) -> list[dict[str, Any]]:
                       if model and model.casefold() in p.models) if known else None
         cost = round(rates * rnd.uniform(0.7, 1.6), 3) if source == "provider" else rates
         latency = rnd.randint(20, 9000) if ok or rnd.random() < 0.5 else None
+        api = via.choice(["chat", "chat", "messages", None])
+        routed = f"{model}-2025" if model and api == "messages" and via.random() < 0.5 else None
         rows.append({
             "request_id": f"req-{i:05d}",
             "timestamp": format_utc(ts),
@@ -92,6 +96,8 @@ def make_rows(n: int = 1500, seed: int = 7) -> list[dict[str, Any]]:
             "cost_source": source,
             "rates_cost_sats": rates if source else None,
             "max_cost_sats": dearest if source else None,
+            "api": api,
+            "routed_model": routed,
         })
     # Exact edges: since is inclusive, until exclusive.
     rows[0]["timestamp"] = format_utc(NOW - timedelta(hours=1))
@@ -138,6 +144,12 @@ def percentile_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPa
         monkeypatch.setattr(queries, "SORT_SHARE", 10**9)  # whatever the table's size, every set is walked
 
 
+@pytest.fixture(params=["band-pass-per-name", "one-sorted-band-pass"])
+def band_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Grouped by provider, policy or api: the hourly band counts read one name at a time, or all at once."""
+    monkeypatch.setattr(queries, "FEW_NAMES", 10**9 if request.param == "band-pass-per-name" else -1)
+
+
 @pytest.fixture(params=["merged-hours", "sorted-by-sqlite"])
 def cost_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(queries, "MERGE_SHARE", 10**9 if request.param == "merged-hours" else 0)
@@ -150,7 +162,12 @@ def ts(r: dict[str, Any]) -> datetime:
     return datetime.fromisoformat(r["timestamp"])
 
 
-def select(rows, since, until, model=None, provider=None, policy=None, success=None, streaming=None):
+def api_of(r: dict[str, Any]) -> str:
+    """The API a row came through: one logged before version 3 (none recorded) came through chat."""
+    return r.get("api") or "chat"
+
+
+def select(rows, since, until, model=None, provider=None, policy=None, success=None, streaming=None, api=None):
     def eq(value, wanted):
         return wanted is None or (value or "").casefold() == wanted.casefold()
 
@@ -158,7 +175,13 @@ def select(rows, since, until, model=None, provider=None, policy=None, success=N
         r for r in rows
         if since <= ts(r) < until and eq(r["model"], model) and eq(r["provider"], provider) and eq(r["policy"], policy)
         and (success is None or r["success"] == success) and (streaming is None or r["streaming"] == streaming)
+        and (api is None or api_of(r) == api)
     ]
+
+
+def group_of(r: dict[str, Any], group_by: str) -> str:
+    """The group key of a row: a name without case ('' for none), or its API."""
+    return api_of(r) if group_by == "api" else (r[group_by] or "").casefold()
 
 
 def expected(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -241,24 +264,48 @@ def test_stats_explicit_times(dataset, percentile_path, args) -> None:
 
 
 @pytest.mark.parametrize("filters", [{"model": "GPT-4O"}, {"provider": "provider-beta"}, {"policy": "Code"},
-                                     {"model": "gpt-4o-mini", "provider": "provider-alpha", "policy": "chat"}])
+                                     {"model": "gpt-4o-mini", "provider": "provider-alpha", "policy": "chat"},
+                                     {"api": "messages"}, {"api": "chat"}, {"api": "messages", "model": "gpt-4o"}])
 def test_stats_filters_are_exact_and_case_insensitive(dataset, percentile_path, filters) -> None:
     path, rows = dataset
     doc = queries.stats(path, {**filters, "range": "last_30d"}, now=NOW)
     assert core(doc) == expected(select(rows, NOW - timedelta(days=30), NOW, **filters))
 
 
-@pytest.mark.parametrize("group_by", ["model", "provider", "policy"])
-def test_stats_group_by_name(dataset, percentile_path, group_by) -> None:
+@pytest.mark.parametrize("group_by", ["model", "provider", "policy", "api"])
+def test_stats_group_by_name(dataset, percentile_path, band_path, group_by) -> None:
     path, rows = dataset
     doc = queries.stats(path, {"group_by": group_by, "range": "last_30d"}, now=NOW)
     chosen = select(rows, NOW - timedelta(days=30), NOW)
     assert core(doc) == expected(chosen)
-    keys = {(r[group_by] or "").casefold() for r in chosen}
+    keys = {group_of(r, group_by) for r in chosen}
     got = {("" if k == "(none)" else k.casefold()): v for k, v in doc["groups"].items()}
     assert set(got) == keys
     for key in keys:
-        assert got[key] == expected([r for r in chosen if (r[group_by] or "").casefold() == key]), key
+        assert got[key] == expected([r for r in chosen if group_of(r, group_by) == key]), key
+    if group_by == "api":  # NULL (before version 3) is chat, not a group of its own
+        assert list(doc["groups"]) == ["chat", "messages"] and any(r["api"] is None for r in chosen)
+
+
+@pytest.mark.parametrize(("args", "api"), [({"group_by": "model", "range": "last_30d"}, "messages"),
+                                           ({"group_by": "hour", "range": "last_24h"}, "chat"),
+                                           ({"group_by": "api", "since": "2026-05-09T10:15:00Z"}, "messages")])
+def test_stats_api_filter_with_groups(dataset, percentile_path, band_path, args, api) -> None:
+    path, rows = dataset
+    doc = queries.stats(path, {**args, "api": api}, now=NOW)
+    since, until = datetime.fromisoformat(doc["since"]), datetime.fromisoformat(doc["until"])
+    chosen = select(rows, since, until, api=api)
+    assert core(doc) == expected(chosen)
+    if args["group_by"] == "hour":
+        for g in doc["groups"]:
+            start = datetime.fromisoformat(g["start"])
+            assert core(g) == expected(select(chosen, max(start, since), min(start + timedelta(hours=1), until)))
+    else:
+        keys = {group_of(r, args["group_by"]) for r in chosen}
+        assert {("" if k == "(none)" else k.casefold()) for k in doc["groups"]} == keys
+        for key, g in doc["groups"].items():
+            k = "" if key == "(none)" else key.casefold()
+            assert core(g) == expected([r for r in chosen if group_of(r, args["group_by"]) == k]), key
 
 
 @pytest.mark.parametrize(("group_by", "args"), [("hour", {"range": "last_24h"}), ("day", {"range": "last_30d"}),
@@ -280,7 +327,7 @@ def test_stats_group_by_time(dataset, percentile_path, group_by, args) -> None:
         assert core(g) == expected(select(rows, max(s, since), min(s + step, until))), g["start"]
 
 
-@pytest.mark.parametrize("group_by", [None, "hour", "day", "model"])
+@pytest.mark.parametrize("group_by", [None, "hour", "day", "model", "api"])
 def test_percentiles_of_awkward_latencies(tmp_path, percentile_path, group_by) -> None:
     """Ties, zero, fractions, a negative value and band edges: every way to a rank gives the same answer."""
     rnd = random.Random(3)
@@ -302,7 +349,7 @@ def test_percentiles_of_awkward_latencies(tmp_path, percentile_path, group_by) -
     elif group_by:
         for key, g in doc["groups"].items():
             k = "" if key == "(none)" else key.casefold()
-            assert core(g) == expected([r for r in chosen if (r["model"] or "").casefold() == k]), key
+            assert core(g) == expected([r for r in chosen if group_of(r, group_by) == k]), key
 
 
 def hand_row(rid: str, at: str, model: str | None, provider: str | None, tokens: tuple[int, int] | None,
@@ -341,7 +388,8 @@ HAND_ROWS = [
              rates_cost_sats=None),
     # C: gpt-4o-mini at gamma, 1000 in, 100 out (60 reasoning): 1000*2/1000 + 100*40/1000 + 0 = 2 + 4 = 6;
     #   at alpha 10 + 3 + 1 = 14, the dearest: saved 14 - 6 = 8
-    hand_row("C", "11:05", "gpt-4o-mini", "provider-gamma", (1000, 100), 6.0, 14.0, reasoning_tokens=60),
+    hand_row("C", "11:05", "gpt-4o-mini", "provider-gamma", (1000, 100), 6.0, 14.0, reasoning_tokens=60,
+             api="messages"),
     # E: gpt-4o at alpha, 1000 in, 1000 out: the rates say 10 + 30 + 1 = 41 (the dearest; beta 20.5), the
     #   provider reported 43.5: it cost 43.5, above the dearest rates, so it saved 0 (not -2.5)
     hand_row("E", "11:40", "gpt-4o", "provider-alpha", (1000, 1000), 43.5, 41.0, cost_source="provider",
@@ -349,7 +397,7 @@ HAND_ROWS = [
     # D: gpt-4o-mini at alpha, 100 in, 1000 out (400 reasoning): 100*10/1000 + 1000*30/1000 + 1 = 32;
     #   at gamma 0.2 + 40 = 40.2, the dearest: saved 40.2 - 32 = 8.2
     hand_row("D", "12:10", "gpt-4o-mini", "provider-alpha", (100, 1000), 32.0, 40.2, streaming=True,
-             reasoning_tokens=400),
+             reasoning_tokens=400, api="messages", routed_model="gpt-4o-mini-2025"),
     hand_row("after", "12:40", "gpt-4o-mini", "provider-gamma", (1000, 1000), 2 + 40, 2 + 40),  # at until and after
 ]
 HAND_RANGE = {"since": "2026-05-10T09:30:00Z", "until": "2026-05-10T12:30:00Z"}
@@ -384,6 +432,9 @@ def test_savings_by_hand(tmp_path, rolled_up) -> None:
     assert savings("provider") == {"provider-alpha": 8.2, "provider-beta": 8.5, "provider-gamma": 8,  # B+E+D, A, C
                                    "provider-retired": 0}
     assert savings("hour") == {"09": 8.5, "10": 0, "11": 8, "12": 8.2}  # A, B+G, C+E, D
+    assert savings("api") == {"chat": 8.5, "messages": 16.2}  # A+B+G+E (no API given: chat), C+D
+    messages = queries.stats(str(path), {**HAND_RANGE, "api": "messages"}, now=NOW)
+    assert (messages["counts"]["total"], messages["costs"]["total_cost_sats"]) == (2, 6 + 32)  # C, D
 
 
 def test_savings_never_negative_when_each_request_went_to_its_dearest(tmp_path) -> None:
@@ -455,6 +506,8 @@ def test_stats_of_nothing(dataset, tmp_path) -> None:
     ({"range": "last_1h", "since": "2026-05-01T00:00:00Z"}, "range", ()),
     ({"since": "2026-05-02T00:00:00Z", "until": "2026-05-01T00:00:00Z"}, "since", ()),
     ({"group_by": "week"}, "group_by", queryargs.GROUP_BY),
+    ({"api": "anthropic"}, "api", ("chat", "messages")),
+    ({"api": "Messages", "group_by": "api"}, "api", ("chat", "messages")),
     ({"group_by": "hour", "since": "1900-01-01T00:00:00Z"}, "group_by", ()),
 ])
 def test_stats_rejects_bad_parameters(dataset, args, param, accepted) -> None:
@@ -497,12 +550,14 @@ def test_list_sorts_and_pages(dataset, cost_path, sort, order, page) -> None:
 
 
 @pytest.mark.parametrize("order", ["asc", "desc"])
-@pytest.mark.parametrize("filters", [{}, {"success": "true"}, {"model": "gpt-4o", "streaming": "false"}])
+@pytest.mark.parametrize("filters", [{}, {"success": "true"}, {"model": "gpt-4o", "streaming": "false"},
+                                     {"api": "messages"}, {"api": "chat", "success": "true"}])
 def test_list_by_cost_pages_into_unknown_costs(dataset, cost_path, order, filters) -> None:
     """Pages around the last known cost, where the merged hours give way to rows of unknown cost."""
     path, rows = dataset
     flags = {k: filters[k] == "true" for k in ("success", "streaming") if k in filters}
-    keep = {r["request_id"] for r in select(rows, NOW - timedelta(days=30), NOW, model=filters.get("model"), **flags)}
+    keep = {r["request_id"] for r in select(rows, NOW - timedelta(days=30), NOW, model=filters.get("model"),
+                                            api=filters.get("api"), **flags)}
     chosen = [(i, r) for i, r in enumerate(rows) if r["request_id"] in keep]
     want = [r["request_id"] for _, r in sorted(chosen, key=order_key("cost_sats", order))]
     known = sum(r["cost_sats"] is not None for _, r in chosen)
@@ -516,12 +571,13 @@ def test_list_by_cost_pages_into_unknown_costs(dataset, cost_path, order, filter
 
 
 @pytest.mark.parametrize("filters", [{"success": "false"}, {"streaming": "true"}, {"success": "true", "streaming": "false"},
-                                     {"model": "gpt-4O", "success": "TRUE"}, {"provider": "provider-beta", "policy": "chat"}])
+                                     {"model": "gpt-4O", "success": "TRUE"}, {"provider": "provider-beta", "policy": "chat"},
+                                     {"api": "messages"}, {"api": "chat", "success": "true", "streaming": "false"}])
 def test_list_filters(dataset, filters) -> None:
     path, rows = dataset
     doc = queries.list_requests(path, {**filters, "range": "last_7d", "per_page": "100"}, now=NOW)
     flags = {k: filters[k].lower() == "true" for k in ("success", "streaming") if k in filters}
-    names = {k: v for k, v in filters.items() if k in ("model", "provider", "policy")}
+    names = {k: v for k, v in filters.items() if k in ("model", "provider", "policy", "api")}
     chosen = select(rows, NOW - timedelta(days=7), NOW, **names, **flags)
     assert doc["total"] == len(chosen)
     newest = sorted(chosen, key=lambda r: (r["timestamp"], r["request_id"]), reverse=True)[:100]
@@ -535,7 +591,8 @@ def test_list_past_the_end_and_row_shape(dataset) -> None:
     err_row = next(r for r in rows if not r["success"] and r["latency_ms"] is not None and ts(r) < NOW)
     got = queries.get_request(path, err_row["request_id"])
     assert got == {
-        "request_id": err_row["request_id"], "timestamp": err_row["timestamp"], "model": err_row["model"],
+        "request_id": err_row["request_id"], "timestamp": err_row["timestamp"], "api": api_of(err_row),
+        "model": err_row["model"], "routed_model": err_row["routed_model"] or err_row["model"],
         "provider": err_row["provider"], "policy": err_row["policy"], "streaming": err_row["streaming"],
         "status": "error", "success": False, "http_status": err_row["http_status"],
         "tokens": {"input": None, "output": None, "cached": None, "reasoning": None}, "cost_sats": None,
@@ -554,12 +611,21 @@ def test_list_past_the_end_and_row_shape(dataset) -> None:
     assert (got["cost_sats"], got["cost_source"], got["rates_cost_sats"], got["max_cost_sats"]) == (
         msat(ok_row["cost_sats"]), "provider", msat(ok_row["rates_cost_sats"]), msat(ok_row["max_cost_sats"]))
     assert queries.get_request(path, "no-such-id") is None
+    # The API as recorded, NULL (before version 3) as chat; the model sent to providers, the model itself
+    # when no alias applied.
+    for want_api, stored in (("messages", "messages"), ("chat", "chat"), ("chat", None)):
+        for aliased in (True, False) if want_api == "messages" else (False,):
+            r = next(r for r in rows if r["api"] == stored and r["model"] and bool(r["routed_model"]) == aliased)
+            got = queries.get_request(path, r["request_id"])
+            assert (got["api"], got["model"], got["routed_model"]) == (
+                want_api, r["model"], f"{r['model']}-2025" if aliased else r["model"])
 
 
 @pytest.mark.parametrize(("args", "param"), [
     ({"success": "maybe"}, "success"), ({"streaming": "yes"}, "streaming"), ({"page": "0"}, "page"),
     ({"page": "two"}, "page"), ({"per_page": "101"}, "per_page"), ({"per_page": "0"}, "per_page"),
     ({"sort": "model"}, "sort"), ({"order": "up"}, "order"), ({"range": "today"}, "range"),
+    ({"api": "completions"}, "api"), ({"sort": "api"}, "sort"),
 ])
 def test_list_rejects_bad_parameters(dataset, args, param) -> None:
     with pytest.raises(ArbstrError) as err:
@@ -596,4 +662,14 @@ def test_http_routes(client) -> None:
     assert missing.status_code == 404 and missing.json["error"]["code"] == "request_not_found"
     bad = client.get("/v1/requests?per_page=500")
     assert bad.status_code == 400 and bad.json["error"]["param"] == "per_page"
+    span = "since=2026-01-01T00:00:00Z&until=2026-06-01T00:00:00Z"
+    by_api = client.get(f"/v1/stats?{span}&group_by=api&api=messages")
+    assert by_api.status_code == 200 and list(by_api.json["groups"]) == ["messages"]
+    assert by_api.json["counts"] == by_api.json["groups"]["messages"]["counts"]
+    messages = client.get(f"/v1/requests?{span}&api=messages&per_page=100").json
+    assert messages["total"] == by_api.json["counts"]["total"] and {r["api"] for r in messages["data"]} == {"messages"}
+    for route in ("/v1/stats", "/v1/requests"):
+        bad = client.get(f"{route}?api=openai")
+        assert bad.status_code == 400 and bad.json["error"]["param"] == "api", route
+        assert "chat, messages" in bad.json["error"]["message"]
     assert client.get("/v1/stats/").status_code == 404  # no trailing-slash redirect

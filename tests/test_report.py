@@ -34,6 +34,10 @@ def cfg(tmp_path: Path) -> Config:
                 "max_cost_sats": (1000 * 10 + (100 + i) * 30) / 1000 + 1,  # at provider-alpha
                 "latency_ms": 100 + i, "retries": None if ok else "1/provider-beta",
                 "error_type": None if ok else "upstream_error",
+                # Every third through /v1/messages, naming an alias of gpt-4o; the others through chat,
+                # some logged before the API was recorded (NULL: chat).
+                **({"api": "messages", "routed_model": "gpt-4o-2024-08-06"} if i % 3 == 2
+                   else {"api": None if i % 3 else "chat"}),
             }), "test")
     conn.close()
     return Config(providers=PROVIDERS, database=DatabaseConfig(path=str(path)))
@@ -64,6 +68,18 @@ def test_stats_table_and_json_agree_with_the_api(cfg: Config) -> None:
     assert got["counts"] == doc["counts"] and got["groups"].keys() == doc["groups"].keys()
 
 
+def test_stats_by_api(cfg: Config) -> None:
+    out = io.StringIO()
+    assert report.run_stats(cfg, "last_24h", "api", out=out) == 0
+    doc = queries.stats(cfg.database.path, {"range": "last_24h", "group_by": "api"})
+    messages = [i for i in range(1, 150) if i % 3 == 2]
+    assert {k: g["counts"]["total"] for k, g in doc["groups"].items()} == {"chat": 149 - len(messages),
+                                                                          "messages": len(messages)}
+    header, *rows = out.getvalue().splitlines()[-3:]
+    assert header.split()[:2] == ["GROUP", "REQUESTS"]
+    assert [r.split()[:2] for r in rows] == [["chat", str(149 - len(messages))], ["messages", str(len(messages))]]
+
+
 def test_requests_table_pages_past_the_api_limit(cfg: Config) -> None:
     out = io.StringIO()
     assert report.run_requests(cfg, limit=149, as_json=True, out=out) == 0
@@ -74,16 +90,20 @@ def test_requests_table_pages_past_the_api_limit(cfg: Config) -> None:
     out = io.StringIO()
     assert report.run_requests(cfg, limit=3, out=out) == 0
     lines = out.getvalue().splitlines()
-    assert lines[0].split()[:3] == ["TIME", "(UTC)", "MODEL"] and len(lines) == 4
+    assert lines[0].split()[:4] == ["TIME", "(UTC)", "API", "MODEL"] and len(lines) == 4
     assert len({line.index("req-") for line in lines[1:]}) == 1  # the id column lines up
     by_id = {r["request_id"]: r for r in got["data"]}
     header = lines[0].replace("TIME (UTC)", "TIME")
+    assert header.split()[:3] == ["TIME", "API", "MODEL"]
     assert header.split()[-4:] == ["LATENCY_MS", "ERROR", "RETRIES", "REQUEST_ID"]
     for line in lines[1:]:
         cells = dict(zip(header.split(), line.split()[1:], strict=True))  # the time is two words
         r = by_id[cells["REQUEST_ID"]]
         assert cells["COST_SATS"] == f"{r['cost_sats']:,.3f}"
         assert (cells["ERROR"], cells["RETRIES"]) == ("-", "-")
+        i = int(r["request_id"].removeprefix("req-"))  # an alias shows as the name asked for → the model sent
+        assert (cells["API"], cells["MODEL"]) == (
+            ("messages", "gpt-4o→gpt-4o-2024-08-06") if i % 3 == 2 else ("chat", "gpt-4o"))
     out = io.StringIO()
     assert report.run_requests(cfg, limit=10, out=out) == 0  # the newest error is req-140
     failed = next(line for line in out.getvalue().splitlines() if "req-140" in line)

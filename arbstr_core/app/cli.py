@@ -124,7 +124,7 @@ def parser() -> argparse.ArgumentParser:
     command("providers", "list providers, models, rates and masked keys", cmd_providers)
     stats = command("stats", "spend, tokens and latency from the request log", cmd_stats)
     stats.add_argument("--range", default="last_24h", choices=["last_1h", "last_24h", "last_7d", "last_30d"])
-    stats.add_argument("--group-by", choices=["model", "provider", "policy", "hour", "day"])
+    stats.add_argument("--group-by", choices=["model", "provider", "policy", "api", "hour", "day"])
     stats.add_argument("--json", action="store_true")
     reqs = command("requests", "the most recent requests from the request log", cmd_requests)
     reqs.add_argument("--limit", type=int, default=20)

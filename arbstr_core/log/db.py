@@ -29,8 +29,12 @@ COLUMNS = (
     "request_id", "timestamp", "model", "provider", "policy", "streaming", "status", "success",
     "http_status", "input_tokens", "output_tokens", "cost_sats", "latency_ms", "ttft_ms",
     "stream_duration_ms", "retries", "error_type", "error_message", "client_retry_count",
-    "cached_tokens", "reasoning_tokens", "cost_source", "rates_cost_sats", "max_cost_sats",
+    "cached_tokens", "reasoning_tokens", "cost_source", "rates_cost_sats", "max_cost_sats", "api", "routed_model",
 )
+# A row's API (schema.sql requests.api): 'chat' for /v1/chat/completions, 'messages' for /v1/messages.
+# Rows logged before version 3 have NULL, and every one of them came through chat completions.
+APIS = ("chat", "messages")
+API_OF_ROW = "COALESCE(api, 'chat')"
 _COLSET = frozenset(COLUMNS)
 _warned: set[str] = set()
 
@@ -48,15 +52,22 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "DROP INDEX IF EXISTS idx_requests_cost",
         "DROP TABLE IF EXISTS requests_hourly",
     ),
-    # 3: what providers charged, cached and reasoning tokens, savings per row: five columns (NULL in the
-    # rows written before; ADD COLUMN only rewrites the schema, not the rows), and new sums in the hourly
-    # totals, so their table and the triggers that spell them are made again, and the totals with them.
+    # 3: what providers charged, cached and reasoning tokens, savings per row, the client's API and the
+    # model an alias routed to: seven columns (NULL in the rows written before; ADD COLUMN only rewrites
+    # the schema, not the rows), new sums and the API in the hourly totals, so their tables and the
+    # triggers that spell them are made again, and the totals with them; the indexes that readers filter
+    # by the names without reading the table gain the API, so they are made again too.
     3: (
         "ALTER TABLE requests ADD COLUMN cached_tokens INTEGER",
         "ALTER TABLE requests ADD COLUMN reasoning_tokens INTEGER",
         "ALTER TABLE requests ADD COLUMN cost_source TEXT",
         "ALTER TABLE requests ADD COLUMN rates_cost_sats REAL",
         "ALTER TABLE requests ADD COLUMN max_cost_sats REAL",
+        "ALTER TABLE requests ADD COLUMN api TEXT",
+        "ALTER TABLE requests ADD COLUMN routed_model TEXT COLLATE NOCASE",
+        "DROP INDEX IF EXISTS idx_requests_hour_cost",
+        "DROP INDEX IF EXISTS idx_requests_latency",
+        "DROP INDEX IF EXISTS idx_requests_hour_latency",
         "DROP TRIGGER IF EXISTS requests_hourly_update",
         "DROP TRIGGER IF EXISTS requests_hourly_delete",
         "DROP TABLE IF EXISTS requests_hourly",
@@ -314,14 +325,16 @@ def purge(conn: sqlite3.Connection, before: float, chunk: int) -> int:
 
 
 # The rows' hourly key, column by column of requests_hourly and requests_latency_hourly, over rows of
-# requests: NULL names are stored as '' and compared without case.
+# requests: NULL names are stored as '' and compared without case; a NULL API is stored as 'chat'.
 KEY_OF_ROW = {
     "hour": "substr(timestamp, 1, 13)",
     "model": "COALESCE(model, '') COLLATE NOCASE",
     "provider": "COALESCE(provider, '') COLLATE NOCASE",
     "policy": "COALESCE(policy, '') COLLATE NOCASE",
+    "api": API_OF_ROW,
 }
 HOURLY_KEY = ", ".join(KEY_OF_ROW.values())
+_BY_KEY = ", ".join(str(i) for i in range(1, len(KEY_OF_ROW) + 1))  # GROUP BY the key's positions
 
 
 class Sum(NamedTuple):
@@ -366,10 +379,11 @@ BAND_OF_LATENCY = "(SELECT MAX(lo) FROM latency_bands WHERE lo <= latency_ms)"  
 # whatever an index on success might promise the planner.
 _ROLL_UP = (
     (f"INSERT INTO requests_hourly ({', '.join([*KEY_OF_ROW, *(s.column for s in SUMS)])}) "
-     f"SELECT {HOURLY_KEY}, {ROW_SUMS} FROM requests NOT INDEXED WHERE id > ? GROUP BY 1, 2, 3, 4 "
+     f"SELECT {HOURLY_KEY}, {ROW_SUMS} FROM requests NOT INDEXED WHERE id > ? GROUP BY {_BY_KEY} "
      "ON CONFLICT DO UPDATE SET " + ", ".join(f"{s.column} = {s.column} + excluded.{s.column}" for s in SUMS)),
     (f"INSERT INTO requests_latency_hourly SELECT {HOURLY_KEY}, {BAND_OF_LATENCY}, COUNT(*) FROM requests "
-     f"NOT INDEXED WHERE id > ? AND {TIMED_OK} GROUP BY 1, 2, 3, 4, 5 ON CONFLICT DO UPDATE SET n = n + excluded.n"),
+     f"NOT INDEXED WHERE id > ? AND {TIMED_OK} GROUP BY {_BY_KEY}, {len(KEY_OF_ROW) + 1} "
+     "ON CONFLICT DO UPDATE SET n = n + excluded.n"),
 )
 
 

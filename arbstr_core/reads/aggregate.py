@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from ..errors import bad_request
-from ..log.db import SUMS
+from ..log.db import SUMS, Sum
 
 PERCENTILES = (50, 95, 99)
 NONE_KEY = "(none)"  # group key of rows without a model, provider or policy
@@ -69,12 +69,13 @@ class Totals:
     bands: dict[int, int] = field(default_factory=dict)
     percentiles: list[Any] = field(default_factory=lambda: [None, None, None])
 
-    def add(self, values: Sequence[Any]) -> None:
-        """Add sums over rows, in SUMS order: a row of either source in queries.py."""
-        sums = self.sums
-        for (column, kind), v in zip(_KINDS, values, strict=True):
+    def add(self, values: Sequence[Any], sums: Sequence[Sum] = SUMS) -> None:
+        """Add sums over rows, in the order of ``sums`` (all of SUMS unless told): a row of either source
+        in queries.py."""
+        own = self.sums
+        for s, v in zip(sums, values, strict=True):
             if v is not None:
-                sums[column] += kind(v)
+                own[s.column] += s.kind(v)
 
     def add_band(self, lo: int, n: int) -> None:
         self.bands[lo] = self.bands.get(lo, 0) + n

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ..errors import bad_request
+from ..log.db import API_OF_ROW, APIS
 from ..timefmt import format_utc
 
 RANGES = {
@@ -22,7 +23,7 @@ RANGES = {
     "last_30d": timedelta(days=30),
 }
 DEFAULT_RANGE = "last_7d"
-GROUP_BY = ("model", "provider", "policy", "hour", "day")
+GROUP_BY = ("model", "provider", "policy", "api", "hour", "day")
 SORTS = ("timestamp", "cost_sats", "latency_ms")
 ORDERS = ("asc", "desc")
 MAX_PER_PAGE = 100
@@ -41,6 +42,7 @@ class Filters:
     policy: str | None = None
     success: bool | None = None
     streaming: bool | None = None
+    api: str | None = None  # one of log/db.py APIS
 
     def where(self, since: datetime | None = None, until: datetime | None = None) -> Where:
         """The filters over ``[since, until)`` (by default the filters' own range)."""
@@ -54,6 +56,9 @@ class Filters:
             if getattr(self, col) is not None:
                 clauses.append(f"{col} = ?")
                 params.append(int(getattr(self, col)))
+        if self.api is not None:
+            clauses.append(f"{API_OF_ROW} = ?")  # a row logged before version 3 (NULL) came through chat
+            params.append(self.api)
         return " AND ".join(clauses), params
 
 
@@ -122,7 +127,7 @@ def _int(args: Mapping[str, str], name: str, default: int, low: int, high: int |
 
 
 def parse_filters(args: Mapping[str, str], now: datetime | None = None) -> Filters:
-    """``range`` (default last_7d) or ``since``/``until``, plus exact case-insensitive name filters."""
+    """``range`` (default last_7d) or ``since``/``until``, exact case-insensitive name filters, and ``api``."""
     now = now or datetime.now(UTC)
     range_ = _choice(args, "range", tuple(RANGES), None)
     since, until = _arg(args, "since"), _arg(args, "until")
@@ -132,7 +137,8 @@ def parse_filters(args: Mapping[str, str], now: datetime | None = None) -> Filte
     start = _time("since", since) if since else end - RANGES[range_ or DEFAULT_RANGE]
     if start > end:
         raise bad_request(f"since ({format_utc(start)}) is after until ({format_utc(end)})", "invalid_parameter", "since")
-    return Filters(start, end, _arg(args, "model"), _arg(args, "provider"), _arg(args, "policy"))
+    return Filters(start, end, _arg(args, "model"), _arg(args, "provider"), _arg(args, "policy"),
+                   api=_choice(args, "api", APIS, None))
 
 
 def parse_stats_args(args: Mapping[str, str], now: datetime | None = None) -> tuple[Filters, str | None]:
@@ -142,10 +148,7 @@ def parse_stats_args(args: Mapping[str, str], now: datetime | None = None) -> tu
 
 def parse_list_args(args: Mapping[str, str], now: datetime | None = None) -> tuple[Filters, int, int, str, str]:
     """The /v1/requests parameters: filters, page, per_page, sort, order."""
-    base = parse_filters(args, now)
-    filters = Filters(
-        base.since, base.until, base.model, base.provider, base.policy, _bool(args, "success"), _bool(args, "streaming")
-    )
+    filters = replace(parse_filters(args, now), success=_bool(args, "success"), streaming=_bool(args, "streaming"))
     page = _int(args, "page", 1, 1, None)
     per_page = _int(args, "per_page", 20, 1, MAX_PER_PAGE)
     sort = _choice(args, "sort", SORTS, "timestamp") or "timestamp"

@@ -12,8 +12,9 @@ partial hours at the edges of the range, and rows newer than those tables, are s
 Choices where SPEC is silent: latency averages and percentiles cover successful requests (an instant
 400 or a 30 s timeout says nothing about speed); percentiles are nearest-rank; unknown costs and
 latencies sort last in either order; grouped rows with no model/provider/policy are keyed
-``"(none)"``. Savings add up each row's own (log/db.py SUMS), so a group's savings are its rows',
-whatever the providers configured now. Costs are shown with msat precision (:func:`.aggregate.sats`).
+``"(none)"``; rows logged before the API was recorded (NULL) count as ``"chat"``, the only API there
+was. Savings add up each row's own (log/db.py SUMS), so a group's savings are its rows', whatever the
+providers configured now. Costs are shown with msat precision (:func:`.aggregate.sats`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,16 @@ from typing import Any
 from urllib.parse import quote
 
 from ..errors import ArbstrError
-from ..log.db import BAND_OF_LATENCY, COLUMNS, KEY_OF_ROW, ROW_SUMS, SUMS, TIMED_OK_UNINDEXED, expected_version
+from ..log.db import (
+    API_OF_ROW,
+    BAND_OF_LATENCY,
+    COLUMNS,
+    KEY_OF_ROW,
+    SUMS,
+    TIMED_OK_UNINDEXED,
+    Sum,
+    expected_version,
+)
 from ..timefmt import format_utc
 from . import costorder, percentiles
 from .aggregate import NONE_KEY, PERCENTILES, Totals, bucket_starts, group_key, sats
@@ -43,12 +53,18 @@ SORT_SHARE = 100
 # A page sorted by cost merges the hours when at least 1/MERGE_SHARE of the table matches (the merge
 # may pass every known cost of the range, 0.1-0.2 µs each); fewer rows are sorted (a few µs each).
 MERGE_SHARE = 20
+# The latency band counts of a range are summed hour by hour in the order of requests_latency_hourly's
+# key (hour, band, model, ...), which SQLite does as it reads. Grouped by a later name (provider, policy,
+# api), it would sort every band row of the range first; one pass per name costs a fifth of that sort or
+# less, so up to FEW_NAMES names are read one by one.
+FEW_NAMES = 4
+_FIRST_NAME = "model"
 READER_MMAP_BYTES = 1 << 30  # readers map the file: no copy per page, and the OS cache is shared
 
 # The columns a row of /v1/requests shows: all the web layer writes but client_retry_count.
 _ROW_NAMES = tuple(c for c in COLUMNS if c != "client_retry_count")
 _ROW_COLUMNS = ", ".join(_ROW_NAMES)
-_ROLLUP_SUMS = ", ".join(f"SUM({s.column})" for s in SUMS)  # over requests_hourly, in SUMS order like ROW_SUMS
+_COUNTS = tuple(s for s in SUMS if s.column in ("total", "success", "streaming", "ok_streaming"))  # Totals.count's
 # Rows in the table, estimated from the rowids in O(log n) (retention deletes the oldest rows first).
 _TABLE_ROWS = "SELECT COALESCE((SELECT MAX(id) FROM requests) - (SELECT MIN(id) FROM requests) + 1, 0)"
 # group_by → (key over requests_hourly, key over requests)
@@ -101,41 +117,64 @@ def _hour_floor(dt: datetime) -> datetime:
     return dt.replace(minute=0, second=0, microsecond=0)
 
 
-def _add_sums(t: Totals, row: Sequence[Any]) -> None:
-    t.add(row[1:])
-
-
 def _add_band(t: Totals, row: Sequence[Any]) -> None:
     t.add_band(row[1], row[2])
 
 
-# Per group (``key``): sums, then latency bands; from the hourly tables, and from the rows themselves.
-_FROM_ROLLUP = (
-    (f"SELECT {{key}}, {_ROLLUP_SUMS} FROM requests_hourly WHERE {{cond}} GROUP BY 1", _add_sums),
-    ("SELECT {key}, band, SUM(n) FROM requests_latency_hourly WHERE {cond} GROUP BY 1, 2", _add_band),
-)
-_FROM_ROWS = (
-    (f"SELECT {{key}}, {ROW_SUMS} FROM {{source}} WHERE {{cond}} GROUP BY 1", _add_sums),
-    (f"SELECT {{key}}, {BAND_OF_LATENCY}, COUNT(*) FROM {{source}} WHERE {{cond}} AND {TIMED_OK_UNINDEXED} GROUP BY 1, 2", _add_band),
-)
+# Per group (``key``): sums (log/db.py SUMS, or some of them), then latency bands; from the hourly tables
+# (the bands of each hour, which the groups add up: Totals.add_band; see _band_passes), and from the rows.
+_SUMS_OF_HOURS = "SELECT {key}, {sums} FROM requests_hourly WHERE {cond} GROUP BY 1"
+_BANDS_OF_HOURS = "SELECT {key}, band, SUM(n) FROM requests_latency_hourly WHERE {cond} GROUP BY {band_group}"
+_SUMS_OF_ROWS = "SELECT {key}, {sums} FROM {source} WHERE {cond} GROUP BY 1"
+_BANDS_OF_ROWS = (f"SELECT {{key}}, {BAND_OF_LATENCY}, COUNT(*) FROM {{source}} WHERE {{cond}} AND {TIMED_OK_UNINDEXED} "
+                  "GROUP BY 1, 2")
 
 
-def _totals(conn: sqlite3.Connection, f: Filters, group_by: str | None, bands: bool = True) -> dict[str, Totals]:
+def _totals(
+    conn: sqlite3.Connection, f: Filters, group_by: str | None, bands: bool = True, sums: Sequence[Sum] = SUMS
+) -> dict[str, Totals]:
     """Sums (and latency bands) per group: whole hours from the hourly tables, the rest from requests."""
     roll_key, raw_key = _GROUP_SQL[group_by]
     rollup, raw = _split(conn, f)
-    parts = 2 if bands else 1
+
+    def add_sums(t: Totals, row: Sequence[Any]) -> None:
+        t.add(row[1:], sums)
+
     jobs = []
     if rollup:
-        jobs += [(sql.format(key=roll_key, cond=rollup[0]), rollup[1], add) for sql, add in _FROM_ROLLUP[:parts]]
+        cond, params = rollup
+        hourly_sums = ", ".join(f"SUM({s.column})" for s in sums)
+        jobs.append((_SUMS_OF_HOURS.format(key=roll_key, sums=hourly_sums, cond=cond), params, add_sums))
+        if bands:
+            jobs += [(_BANDS_OF_HOURS.format(key=roll_key, cond=c, band_group=by), p, _add_band)
+                     for c, p, by in _band_passes(conn, rollup, group_by)]
+    row_sums = ", ".join(s.of_rows for s in sums)
     for source, cond, params in raw:
-        jobs += [(sql.format(key=raw_key, source=source, cond=cond), params, add) for sql, add in _FROM_ROWS[:parts]]
+        jobs.append((_SUMS_OF_ROWS.format(key=raw_key, sums=row_sums, source=source, cond=cond), params, add_sums))
+        if bands:
+            jobs.append((_BANDS_OF_ROWS.format(key=raw_key, source=source, cond=cond), params, _add_band))
     out: dict[str, Totals] = {}
     for sql, params, add in jobs:
         for row in conn.execute(sql, params):
             key = group_key(row[0])
-            add(out.setdefault(key.casefold(), Totals(label=key)), row)
+            t = out.get(folded := key.casefold())
+            if t is None:  # a Totals is made once a group (thousands of band rows come per group)
+                t = out[folded] = Totals(label=key)
+            add(t, row)
     return out
+
+
+def _band_passes(conn: sqlite3.Connection, rollup: Where, group_by: str | None) -> list[tuple[str, list[Any], str]]:
+    """The passes that read the hourly band counts of ``rollup`` per group (FEW_NAMES): (condition,
+    parameters, GROUP BY) each."""
+    cond, params = rollup
+    if group_by in (None, "hour", "day"):
+        return [(cond, params, "hour, band")]
+    if group_by != _FIRST_NAME:
+        names = [r[0] for r in conn.execute(f"SELECT DISTINCT {group_by} FROM requests_hourly WHERE {cond}", params)]
+        if len(names) <= FEW_NAMES:  # the hourly tables' names compare as the groups do (NOCASE; api exactly)
+            return [(f"{cond} AND {group_by} = ?", [*params, name], "hour, band") for name in names]
+    return [(cond, params, f"hour, band, {group_by}")]
 
 
 def _split(conn: sqlite3.Connection, f: Filters) -> tuple[Where | None, list[tuple[str, str, list[Any]]]]:
@@ -148,7 +187,7 @@ def _split(conn: sqlite3.Connection, f: Filters) -> tuple[Where | None, list[tup
         return None, [("requests", *f.where())]
     upto = conn.execute("SELECT upto FROM rollup_state").fetchone()[0]
     clauses, params = ["hour >= ?", "hour < ?"], [format_utc(first_full)[:13], format_utc(last_full)[:13]]
-    for col in ("model", "provider", "policy"):
+    for col in ("model", "provider", "policy", "api"):  # the hourly tables hold a NULL api as 'chat'
         if getattr(f, col) is not None:
             clauses.append(f"{col} = ?")
             params.append(getattr(f, col))
@@ -184,6 +223,8 @@ def _group_where(f: Filters, group_by: str, key: str) -> Where:
         end = start + (timedelta(hours=1) if group_by == "hour" else timedelta(days=1))
         return f.where(max(start, f.since), min(end, f.until))
     where, params = f.where()
+    if group_by == "api":
+        return f"{where} AND {API_OF_ROW} = ?", [*params, "" if key == NONE_KEY else key]
     if key == NONE_KEY:
         return f"{where} AND ({group_by} IS NULL OR {group_by} = '')", params
     return f"{where} AND {group_by} = ?", [*params, key]
@@ -227,9 +268,12 @@ def _row(values: Sequence[Any]) -> dict[str, Any]:
     r = dict(zip(_ROW_NAMES, values))
     error_type, message = r["error_type"], r["error_message"]
     return {
-        "request_id": r["request_id"], "timestamp": r["timestamp"], "model": r["model"], "provider": r["provider"],
-        "policy": r["policy"], "streaming": bool(r["streaming"]), "status": r["status"], "success": bool(r["success"]),
-        "http_status": r["http_status"],
+        "request_id": r["request_id"], "timestamp": r["timestamp"],
+        "api": "chat" if r["api"] is None else r["api"],  # NULL: logged before version 3, through chat completions
+        "model": r["model"],  # as the client named it
+        "routed_model": r["model"] if r["routed_model"] is None else r["routed_model"],  # what providers were sent
+        "provider": r["provider"], "policy": r["policy"], "streaming": bool(r["streaming"]), "status": r["status"],
+        "success": bool(r["success"]), "http_status": r["http_status"],
         "tokens": {"input": r["input_tokens"], "output": r["output_tokens"], "cached": r["cached_tokens"],
                    "reasoning": r["reasoning_tokens"]},
         "cost_sats": sats(r["cost_sats"]), "cost_source": r["cost_source"],
@@ -244,7 +288,7 @@ def _row(values: Sequence[Any]) -> dict[str, Any]:
 
 def _count(conn: sqlite3.Connection, f: Filters) -> int:
     """Matching rows, from the rollup: it counts successes, streams and successful streams."""
-    t = Totals.merge(_totals(conn, replace(f, success=None, streaming=None), None, bands=False).values())
+    t = Totals.merge(_totals(conn, replace(f, success=None, streaming=None), None, False, _COUNTS).values())
     return t.count(f.success, f.streaming)
 
 

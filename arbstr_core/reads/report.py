@@ -86,16 +86,22 @@ def format_requests(rows: Sequence[dict[str, Any]]) -> str:
         return "no requests logged yet\n"
     body = [
         [
-            r["timestamp"][:19].replace("T", " "), r["model"] or "-", r["provider"] or "-", r["policy"] or "-",
+            r["timestamp"][:19].replace("T", " "), r["api"], _model(r), r["provider"] or "-", r["policy"] or "-",
             r["status"], _int(r["http_status"]), _int(r["tokens"]["input"]), _int(r["tokens"]["output"]),
             _sats(r["cost_sats"]), _int(r["timing"]["latency_ms"]), (r["error"] or {}).get("type") or "-",
             r["retries"] or "-", r["request_id"],
         ]
         for r in rows
     ]
-    headers = ["TIME (UTC)", "MODEL", "PROVIDER", "POLICY", "STATUS", "HTTP", "IN", "OUT", "COST_SATS",
+    headers = ["TIME (UTC)", "API", "MODEL", "PROVIDER", "POLICY", "STATUS", "HTTP", "IN", "OUT", "COST_SATS",
                "LATENCY_MS", "ERROR", "RETRIES", "REQUEST_ID"]
-    return table(headers, body, numeric=range(5, 10))
+    return table(headers, body, numeric=range(6, 11))
+
+
+def _model(r: dict[str, Any]) -> str:
+    """The model as the client named it, and what an alias routed it to: ``claude-sonnet-4-5→gpt-4o``."""
+    model, routed = r["model"] or "-", r["routed_model"] or "-"
+    return model if routed.casefold() == model.casefold() else f"{model}→{routed}"
 
 
 def _no_log_note(cfg: Config) -> None:

@@ -302,6 +302,8 @@ class ChatRequest:
             "error_type": error.type if error else None,
             "error_message": error.message if error else None,
             "client_retry_count": self.client_retry_count,
+            "api": self.edge.api,
+            "routed_model": self.routed_model,
         }
         row.update(self.outcome)
         return row
