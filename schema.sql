@@ -50,8 +50,11 @@ CREATE TABLE IF NOT EXISTS requests (
     max_cost_sats      REAL,                         -- the rates formula at the dearest provider that could have served it
     api                TEXT,                         -- the client's API: 'chat' (/v1/chat/completions), 'messages'
                                                      -- (/v1/messages); NULL: logged before version 3, read as 'chat'
-    routed_model       TEXT    COLLATE NOCASE        -- the model id sent to providers when an [aliases] entry renamed
+    routed_model       TEXT    COLLATE NOCASE,       -- the model id sent to providers when an [aliases] entry renamed
                                                      -- model (which keeps the client's name); NULL: model itself
+    -- Version 4. NULL in the rows written before.
+    output_tokens_per_sec REAL                       -- output tokens over a stream's first content → end, or over an
+                                                     -- answer's latency (request/speed.py); NULL: unknown
 );
 
 -- Filters and sorts of /v1/stats and /v1/requests. SQLite appends the rowid (id) to every index,
@@ -255,6 +258,18 @@ ON requests WHEN OLD.id <= (SELECT upto FROM rollup_state) BEGIN
     DELETE FROM requests_latency_hourly WHERE n = 0 AND hour = substr(OLD.timestamp, 1, 13);
 END;
 
+-- Debug captures (README "Debug capture"): written only with [debug] enabled, by the same writer thread,
+-- deleted after [debug] retention_days. capture is one JSON document (the client's request, each upstream
+-- request with its key masked, the answer as received), scrubbed of every secret before it was queued.
+CREATE TABLE IF NOT EXISTS debug_captures (
+    request_id TEXT    PRIMARY KEY,
+    timestamp  TEXT    NOT NULL,                     -- as requests.timestamp
+    capture    TEXT    NOT NULL,                     -- JSON
+    bytes      INTEGER NOT NULL,                     -- the parts' stored size
+    truncated  INTEGER NOT NULL DEFAULT 0            -- 0/1: a part was cut at [debug] max_bytes
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idx_debug_captures_timestamp ON debug_captures (timestamp);
+
 -- One row per live LogStore (gunicorn worker). A stream row belongs to a live process while its
 -- writer's heartbeat is fresh; rows of dead writers are marked 'interrupted' by the others.
 CREATE TABLE IF NOT EXISTS writers (
@@ -264,4 +279,4 @@ CREATE TABLE IF NOT EXISTS writers (
     heartbeat TEXT    NOT NULL
 );
 
-PRAGMA user_version = 3;
+PRAGMA user_version = 4;

@@ -21,7 +21,8 @@ from urllib.parse import urlsplit
 from .errors import ConfigError
 from .secrets import SOURCE_LITERAL, SOURCE_NONE, Secret, convention_var, expand, resolve_key
 
-STRATEGIES = ("cheapest", "lowest_latency", "round_robin")
+STRATEGIES = ("cheapest", "lowest_latency", "round_robin", "fastest_first_token", "performance")
+CAPTURE_MODES = ("all", "header")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # A check takes a well-typed value and says what is wrong with it ("must be positive"), or None.
@@ -67,6 +68,10 @@ AT_LEAST_0 = _bound(0, "≥ 0")
 UNLIMITED_OR_POSITIVE = _bound(0, "0 (unlimited) or positive")
 
 
+def _share(v: float) -> str | None:
+    return None if 0 <= v <= 1 else "must be between 0 and 1"
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     listen: str = _key("127.0.0.1:8080", "HOST:PORT to bind; `arbstr serve -l` overrides", _listen)
@@ -110,6 +115,15 @@ class MarketConfig:
 
 
 @dataclass(frozen=True)
+class DebugConfig:
+    enabled: bool = _key(False, "true: captured requests store the prompt, the upstream request and its answer")
+    capture: str = _key("all", "all = every request; header = only requests sending X-Arbstr-Debug: true",
+                        _one_of(CAPTURE_MODES))
+    retention_days: float = _key(7, "captures older than this are deleted daily", POSITIVE)
+    max_bytes: int = _key(65536, "per part of a capture; longer parts are cut and marked truncated", POSITIVE)
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = _key("info", "debug | info | warning | error, to stderr", _one_of(LOG_LEVELS))
     log_requests: bool = _key(True, "false = no request rows are written")
@@ -149,7 +163,7 @@ class Provider:
 class PolicyRule:
     name: str = _key(help="chosen by header X-Arbstr-Policy, or by a keyword in the last user message")
     allowed_models: tuple[str, ...] = _key((), "empty = any model", _strings("must be a list of strings"))
-    strategy: str = _key("cheapest", "cheapest | lowest_latency | round_robin", _one_of(STRATEGIES))
+    strategy: str = _key("cheapest", " | ".join(STRATEGIES), _one_of(STRATEGIES))
     max_sats_per_1k_output: float | None = _key(None, "providers charging more per 1k output are excluded",
                                                 AT_LEAST_0)
     keywords: tuple[str, ...] = _key((), "case-insensitive words that select this rule",
@@ -158,7 +172,11 @@ class PolicyRule:
 
 @dataclass(frozen=True)
 class PoliciesConfig:
-    default_strategy: str = _key("cheapest", "cheapest | lowest_latency | round_robin", _one_of(STRATEGIES))
+    default_strategy: str = _key("cheapest", " | ".join(STRATEGIES), _one_of(STRATEGIES))
+    window_minutes: float = _key(15, "how far back the per-provider measurements that order providers reach",
+                                 POSITIVE)
+    explore_share: float = _key(0.05, "share of requests that first try the least recently measured provider "
+                                "(fastest_first_token, performance)", _share)
     rules: tuple[PolicyRule, ...] = _key((), "written [[policies.rules]]; first keyword match wins")
 
 
@@ -172,6 +190,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     market: MarketConfig = field(default_factory=MarketConfig)
     policies: PoliciesConfig = field(default_factory=PoliciesConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
     aliases: tuple[tuple[str, str], ...] = ()  # [aliases]: client name or glob → the model id to route
     path: str | None = None
     mock: bool = False
@@ -183,6 +202,7 @@ class Config:
 _TABLES: dict[str, type] = {
     "server": ServerConfig, "database": DatabaseConfig, "retry": RetryConfig, "circuit_breaker": BreakerConfig,
     "logging": LoggingConfig, "market": MarketConfig, "providers": Provider, "policies": PoliciesConfig, "policies.rules": PolicyRule,
+    "debug": DebugConfig,
 }
 # A field's annotation (without "| None") → the TOML types it accepts; any tuple[...] is an array.
 _TOML_TYPES = {"str": (str,), "Secret": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
@@ -239,7 +259,7 @@ def from_mapping(
         value, _ = expand(server["auth_token"], env, f"{path}: [server] auth_token")
         server["auth_token"] = Secret(value) if value else None
     simple = {name: _TABLES[name](**_table(_TABLES[name], raw.get(name, {}), path, f"[{name}]"))
-              for name in ("database", "retry", "circuit_breaker", "logging", "market")}
+              for name in ("database", "retry", "circuit_breaker", "logging", "market", "debug")}
     providers = _providers(raw.get("providers", []), env, path, warnings)
     if not providers and not mock:
         raise ConfigError(

@@ -11,7 +11,7 @@ from arbstr_core.config import PolicyRule, Provider
 from arbstr_core.errors import ArbstrError
 from arbstr_core.request.breaker import BreakerRegistry
 from arbstr_core.request.failures import FAILURE
-from arbstr_core.request.latency import LatencyWindow
+from arbstr_core.request.perf import PerfWindow
 from arbstr_core.request.routing import match_policy, price_key, select_candidates
 
 

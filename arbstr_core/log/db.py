@@ -30,6 +30,7 @@ COLUMNS = (
     "http_status", "input_tokens", "output_tokens", "cost_sats", "latency_ms", "ttft_ms",
     "stream_duration_ms", "retries", "error_type", "error_message", "client_retry_count",
     "cached_tokens", "reasoning_tokens", "cost_source", "rates_cost_sats", "max_cost_sats", "api", "routed_model",
+    "output_tokens_per_sec",
 )
 # A row's API (schema.sql requests.api): 'chat' for /v1/chat/completions, 'messages' for /v1/messages.
 # Rows logged before version 3 have NULL, and every one of them came through chat completions.
@@ -73,6 +74,10 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "DROP TABLE IF EXISTS requests_hourly",
         "DROP TABLE IF EXISTS requests_latency_hourly",
         "DROP TABLE IF EXISTS rollup_state",
+    ),
+    # 4: output tokens a second per row (NULL in the rows before); debug_captures is new (schema.sql).
+    4: (
+        "ALTER TABLE requests ADD COLUMN output_tokens_per_sec REAL",
     ),
 }
 

@@ -35,6 +35,7 @@ from .failures import FAILURE, SUCCESS
 from .relay import CLIENT_DISCONNECTED, COMPLETE, StreamContext, StreamSummary, relay
 from .retry import Attempts, deadline_error, run_chain
 from .routing import eligible, match_policy, resolve_alias, select_candidates
+from .speed import tokens_per_sec
 from .state import AppState
 
 log = logging.getLogger("arbstr.request")
@@ -53,7 +54,7 @@ def plan(state: AppState, body: dict[str, Any], policy_header: str | None,
     policy = match_policy(config.policies.rules, policy_header, body["messages"])
     candidates = select_candidates(
         body["model"], policy, providers, config.policies.default_strategy,
-        is_available=state.is_available, median_latency=state.latency.median, rotation=rotation,
+        is_available=state.is_available, median_latency=state.perf.median_latency, rotation=rotation,
     )
     return policy, candidates, eligible(body["model"], policy, providers)
 
@@ -156,8 +157,10 @@ class ChatRequest:
         self._note_balance(provider, parsed.get("usage"))
         cost = charged.cost_sats
         latency = self.elapsed_ms()
-        state.latency.add(provider, latency)
-        self.outcome = {"status": "ok", "success": True, **charged.row(), "latency_ms": latency}
+        speed = tokens_per_sec(charged.usage and charged.usage.output, latency, None, False)
+        state.perf.add(provider, latency_ms=latency, ttft_ms=None, tokens_per_sec=speed)
+        self.outcome = {"status": "ok", "success": True, **charged.row(), "latency_ms": latency,
+                        "output_tokens_per_sec": speed}
         headers = self._answer_headers()
         headers["x-arbstr-latency-ms"] = str(latency)
         if cost is not None:
@@ -202,11 +205,14 @@ class ChatRequest:
             charged = costs.charge(provider, summary.usage, self.field)
             self._note_balance(provider.name, summary.usage)
             cost = charged.cost_sats
+            speed = tokens_per_sec(charged.usage and charged.usage.output, summary.duration_ms, summary.ttft_ms, True)
             if ok:
-                state.latency.add(provider.name, summary.duration_ms or 0)
+                state.perf.add(provider.name, latency_ms=summary.duration_ms or 0, ttft_ms=summary.ttft_ms,
+                               tokens_per_sec=speed)
             state.logstore.update(self.id, loggable({
                 "status": summary.status, "success": ok, **charged.row(), "latency_ms": summary.duration_ms,
                 "ttft_ms": summary.ttft_ms, "stream_duration_ms": summary.duration_ms,
+                "output_tokens_per_sec": speed,
                 "error_type": None if ok else "upstream_error" if summary.status == "interrupted" else "client",
                 "error_message": summary.error if not ok else None,
             }, state.scrub))

@@ -12,9 +12,9 @@ from ..config import Config
 from ..log.writer import LogStore
 from ..secrets import Scrubber
 from .breaker import BreakerRegistry
-from .latency import LatencyWindow
 from .limits import TokenBucket
 from .market import Market
+from .perf import PerfWindow
 from .upstream import Upstream
 
 
@@ -26,7 +26,7 @@ class AppState:
     logstore: LogStore
     scrub: Scrubber
     market: Market
-    latency: LatencyWindow = field(default_factory=LatencyWindow)
+    perf: PerfWindow = field(default_factory=PerfWindow)
     rotation: itertools.count = field(default_factory=itertools.count)
     bucket: TokenBucket | None = None
     slots: threading.BoundedSemaphore | None = None
@@ -71,6 +71,7 @@ def build_state(config: Config, upstream: Upstream) -> AppState:
             enabled=config.logging.log_requests,
         ),
         scrub=Scrubber(secrets),
+        perf=PerfWindow(config.policies.window_minutes),
         market=Market(config.providers, functools.partial(upstream.get_json, timeout=config.server.connect_timeout_secs),
                       refresh_secs=config.market.refresh_secs, min_balance_sats=config.market.min_balance_sats),
         bucket=TokenBucket(config.server.rate_limit_rps) if config.server.rate_limit_rps > 0 else None,
