@@ -77,6 +77,19 @@ CREATE INDEX IF NOT EXISTS idx_requests_latency
 -- The same, hour by hour: the percentiles of one hour (group_by=hour) walk only that hour's rows.
 CREATE INDEX IF NOT EXISTS idx_requests_hour_latency
     ON requests (substr(timestamp, 1, 13), success, latency_ms, timestamp, model, provider, policy, api);
+-- First-token times and speeds: the same two walks, over the rows that have one (partial indexes: a
+-- non-streaming row has no first-token time, and adds nothing to that index).
+CREATE INDEX IF NOT EXISTS idx_requests_ttft
+    ON requests (ttft_ms, success, timestamp, model, provider, policy, api) WHERE ttft_ms IS NOT NULL;
+CREATE INDEX IF NOT EXISTS idx_requests_hour_ttft
+    ON requests (substr(timestamp, 1, 13), success, ttft_ms, timestamp, model, provider, policy, api)
+    WHERE ttft_ms IS NOT NULL;
+CREATE INDEX IF NOT EXISTS idx_requests_speed
+    ON requests (output_tokens_per_sec, success, timestamp, model, provider, policy, api)
+    WHERE output_tokens_per_sec IS NOT NULL;
+CREATE INDEX IF NOT EXISTS idx_requests_hour_speed
+    ON requests (substr(timestamp, 1, 13), success, output_tokens_per_sec, timestamp, model, provider, policy, api)
+    WHERE output_tokens_per_sec IS NOT NULL;
 -- Only the rows of streams in flight: the startup sweep that marks orphans 'interrupted' reads it.
 CREATE INDEX IF NOT EXISTS idx_requests_streaming_status ON requests (writer) WHERE status = 'streaming';
 
@@ -146,6 +159,28 @@ CREATE TABLE IF NOT EXISTS requests_latency_hourly (
     n        INTEGER NOT NULL,
     PRIMARY KEY (hour, band, model, provider, policy, api)
 ) WITHOUT ROWID;
+-- The same for successful first-token times (ttft_ms, streams) and speeds (output_tokens_per_sec, in
+-- tokens a second on the same bands), read by the percentiles of log/db.py METRICS.
+CREATE TABLE IF NOT EXISTS requests_ttft_hourly (
+    hour     TEXT    NOT NULL,
+    model    TEXT    NOT NULL COLLATE NOCASE,
+    provider TEXT    NOT NULL COLLATE NOCASE,
+    policy   TEXT    NOT NULL COLLATE NOCASE,
+    api      TEXT    NOT NULL,
+    band     INTEGER NOT NULL,
+    n        INTEGER NOT NULL,
+    PRIMARY KEY (hour, band, model, provider, policy, api)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS requests_speed_hourly (
+    hour     TEXT    NOT NULL,
+    model    TEXT    NOT NULL COLLATE NOCASE,
+    provider TEXT    NOT NULL COLLATE NOCASE,
+    policy   TEXT    NOT NULL COLLATE NOCASE,
+    api      TEXT    NOT NULL,
+    band     INTEGER NOT NULL,
+    n        INTEGER NOT NULL,
+    PRIMARY KEY (hour, band, model, provider, policy, api)
+) WITHOUT ROWID;
 
 -- A row's key and sums (log/db.py SUMS) leave the hourly totals when it is deleted, and move when it is
 -- updated; each VALUES list holds them in requests_hourly's column order.
@@ -184,6 +219,16 @@ WHEN OLD.id <= (SELECT upto FROM rollup_state) BEGIN
         (SELECT MAX(lo) FROM latency_bands WHERE lo <= OLD.latency_ms), -1
         WHERE OLD.success = 1 AND OLD.latency_ms IS NOT NULL ON CONFLICT DO UPDATE SET n = n + excluded.n;
     DELETE FROM requests_latency_hourly WHERE n = 0 AND hour = substr(OLD.timestamp, 1, 13);
+    INSERT INTO requests_ttft_hourly SELECT substr(OLD.timestamp, 1, 13), COALESCE(OLD.model, ''),
+        COALESCE(OLD.provider, ''), COALESCE(OLD.policy, ''), COALESCE(OLD.api, 'chat'),
+        (SELECT MAX(lo) FROM latency_bands WHERE lo <= OLD.ttft_ms), -1
+        WHERE OLD.success = 1 AND OLD.ttft_ms IS NOT NULL ON CONFLICT DO UPDATE SET n = n + excluded.n;
+    INSERT INTO requests_speed_hourly SELECT substr(OLD.timestamp, 1, 13), COALESCE(OLD.model, ''),
+        COALESCE(OLD.provider, ''), COALESCE(OLD.policy, ''), COALESCE(OLD.api, 'chat'),
+        (SELECT MAX(lo) FROM latency_bands WHERE lo <= OLD.output_tokens_per_sec), -1
+        WHERE OLD.success = 1 AND OLD.output_tokens_per_sec IS NOT NULL ON CONFLICT DO UPDATE SET n = n + excluded.n;
+    DELETE FROM requests_ttft_hourly WHERE n = 0 AND hour = substr(OLD.timestamp, 1, 13);
+    DELETE FROM requests_speed_hourly WHERE n = 0 AND hour = substr(OLD.timestamp, 1, 13);
     -- Deleting the newest rows lets SQLite hand their ids out again: keep upto at or below the
     -- largest id left, so a reused id counts as new.
     UPDATE rollup_state SET upto = (SELECT COALESCE(MAX(id), 0) FROM requests)
@@ -192,7 +237,8 @@ END;
 
 CREATE TRIGGER IF NOT EXISTS requests_hourly_update AFTER UPDATE OF
     timestamp, model, provider, policy, api, streaming, success, input_tokens, output_tokens, cached_tokens,
-    reasoning_tokens, cost_sats, cost_source, rates_cost_sats, max_cost_sats, latency_ms, ttft_ms
+    reasoning_tokens, cost_sats, cost_source, rates_cost_sats, max_cost_sats, latency_ms, ttft_ms,
+    output_tokens_per_sec
 ON requests WHEN OLD.id <= (SELECT upto FROM rollup_state) BEGIN
     INSERT INTO requests_hourly VALUES (
         substr(OLD.timestamp, 1, 13), COALESCE(OLD.model, ''), COALESCE(OLD.provider, ''),
@@ -256,6 +302,24 @@ ON requests WHEN OLD.id <= (SELECT upto FROM rollup_state) BEGIN
         (SELECT MAX(lo) FROM latency_bands WHERE lo <= NEW.latency_ms), 1
         WHERE NEW.success = 1 AND NEW.latency_ms IS NOT NULL ON CONFLICT DO UPDATE SET n = n + excluded.n;
     DELETE FROM requests_latency_hourly WHERE n = 0 AND hour = substr(OLD.timestamp, 1, 13);
+    INSERT INTO requests_ttft_hourly SELECT substr(OLD.timestamp, 1, 13), COALESCE(OLD.model, ''),
+        COALESCE(OLD.provider, ''), COALESCE(OLD.policy, ''), COALESCE(OLD.api, 'chat'),
+        (SELECT MAX(lo) FROM latency_bands WHERE lo <= OLD.ttft_ms), -1
+        WHERE OLD.success = 1 AND OLD.ttft_ms IS NOT NULL ON CONFLICT DO UPDATE SET n = n + excluded.n;
+    INSERT INTO requests_speed_hourly SELECT substr(OLD.timestamp, 1, 13), COALESCE(OLD.model, ''),
+        COALESCE(OLD.provider, ''), COALESCE(OLD.policy, ''), COALESCE(OLD.api, 'chat'),
+        (SELECT MAX(lo) FROM latency_bands WHERE lo <= OLD.output_tokens_per_sec), -1
+        WHERE OLD.success = 1 AND OLD.output_tokens_per_sec IS NOT NULL ON CONFLICT DO UPDATE SET n = n + excluded.n;
+    INSERT INTO requests_ttft_hourly SELECT substr(NEW.timestamp, 1, 13), COALESCE(NEW.model, ''),
+        COALESCE(NEW.provider, ''), COALESCE(NEW.policy, ''), COALESCE(NEW.api, 'chat'),
+        (SELECT MAX(lo) FROM latency_bands WHERE lo <= NEW.ttft_ms), 1
+        WHERE NEW.success = 1 AND NEW.ttft_ms IS NOT NULL ON CONFLICT DO UPDATE SET n = n + excluded.n;
+    INSERT INTO requests_speed_hourly SELECT substr(NEW.timestamp, 1, 13), COALESCE(NEW.model, ''),
+        COALESCE(NEW.provider, ''), COALESCE(NEW.policy, ''), COALESCE(NEW.api, 'chat'),
+        (SELECT MAX(lo) FROM latency_bands WHERE lo <= NEW.output_tokens_per_sec), 1
+        WHERE NEW.success = 1 AND NEW.output_tokens_per_sec IS NOT NULL ON CONFLICT DO UPDATE SET n = n + excluded.n;
+    DELETE FROM requests_ttft_hourly WHERE n = 0 AND hour = substr(OLD.timestamp, 1, 13);
+    DELETE FROM requests_speed_hourly WHERE n = 0 AND hour = substr(OLD.timestamp, 1, 13);
 END;
 
 -- Debug captures (README "Debug capture"): written only with [debug] enabled, by the same writer thread,

@@ -80,6 +80,7 @@ def fake_rows(n: int, span_secs: float, rnd: random.Random) -> Iterator[tuple[An
             rnd.randint(0, tout) if known and rnd.random() < 0.2 else 0 if known else None,
             ("provider" if reported else "rates") if known else None, rates, dearest,
             "messages" if messages else "chat", f"{model}-2025" if alias else None,
+            round(tout * 1000 / (latency - latency // 5 if stream else latency), 3) if ok and latency >= 2 else None,
         )
 
 

@@ -255,6 +255,18 @@ class ArbstrServer:
     def url(self, path: str) -> str:
         return self.base_url + path
 
+    def settled_row(self, request_id: str, timeout: float = 30.0) -> dict[str, Any]:
+        """The request's /v1/requests row once written and, for a stream, ended (the log writer is
+        asynchronous: nothing in the process signals the write, so this polls, bounded)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            r = self.get(f"/v1/requests/{request_id}")
+            if r.status_code == 200 and r.json()["status"] != "streaming":
+                return r.json()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"row {request_id} not settled within {timeout}s: {r.status_code} {r.text}")
+            time.sleep(0.05)
+
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -56,6 +56,10 @@ def test_cheapest_provider_answers_with_headers_and_cost(three) -> None:
     # The client's bearer token is never forwarded; cheap has no key, so no Authorization at all.
     assert "authorization" not in {k.lower() for k in sent.headers}
     assert sent.headers["Accept-Encoding"] == "identity" and sent.headers["User-Agent"].startswith("arbstr/")
+    # A non-streaming answer's speed: its output tokens over its whole latency.
+    timing = server.settled_row(raw.request_id)["timing"]
+    assert timing["output_tokens_per_sec"] == pytest.approx(
+        usage.completion_tokens * 1000 / timing["latency_ms"], abs=0.001)
 
 
 def test_a_compressed_answer_reaches_the_client_decoded(three) -> None:

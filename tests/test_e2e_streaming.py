@@ -58,18 +58,6 @@ def single(fake_upstream, make_config, gunicorn_server):
     return up, start
 
 
-def settled_row(server: ArbstrServer, request_id: str, timeout: float = 30.0) -> dict[str, Any]:
-    """The request's row once its stream has ended (the log is written asynchronously; see the docstring)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        r = server.get(f"/v1/requests/{request_id}")
-        if r.status_code == 200 and r.json()["status"] != "streaming":
-            return r.json()
-        if time.monotonic() > deadline:
-            raise AssertionError(f"row {request_id} not settled within {timeout}s: {r.status_code} {r.text}")
-        time.sleep(0.05)
-
-
 def failure_count(server: ArbstrServer, name: str = "p") -> int:
     return server.get("/health").json()["providers"][name]["failure_count"]
 
@@ -172,7 +160,7 @@ def test_complete_stream_row_has_usage_cost_and_timing(single) -> None:
     trailer = json.loads(COMMENT.search(body).group(1))
     assert trailer["cost_sats"] == pytest.approx(expected_cost(USAGE), abs=1e-12)
 
-    row = settled_row(server, r.headers["x-arbstr-request-id"])
+    row = server.settled_row(r.headers["x-arbstr-request-id"])
     assert row["status"] == "complete" and row["success"] is True
     assert row["streaming"] is True and row["http_status"] == 200 and row["provider"] == "p"
     assert row["tokens"] == {"input": 123, "output": 45, "cached": 0, "reasoning": None}
@@ -184,6 +172,10 @@ def test_complete_stream_row_has_usage_cost_and_timing(single) -> None:
     assert timing["latency_ms"] == timing["stream_duration_ms"]
     assert 600 <= timing["stream_duration_ms"] <= wall_ms + 1
     assert trailer["latency_ms"] <= timing["stream_duration_ms"]
+    # Speed: the 45 output tokens over first content → end (about 0.5 s of events 0.1 s apart).
+    generating_ms = timing["stream_duration_ms"] - timing["ttft_ms"]
+    assert timing["output_tokens_per_sec"] == pytest.approx(45 * 1000 / generating_ms, abs=0.001)
+    assert 400 <= generating_ms <= wall_ms
     assert failure_count(server) == 0
 
 
@@ -219,7 +211,7 @@ def test_upstream_dying_after_three_chunks(single, chunked: bool, cut: str, with
     assert "interrupted" in err.message
     assert text_of(got) == "one two" and len(got) == 3
 
-    row = settled_row(server, request_id)
+    row = server.settled_row(request_id)
     assert row["status"] == "interrupted" and row["success"] is False and row["http_status"] == 200
     assert row["error"]["type"] == "upstream_error" and "broke" in row["error"]["message"]
     if with_usage:
@@ -252,7 +244,7 @@ def test_upstream_going_idle_past_the_idle_timeout(single) -> None:
     up.connections[0].wait_closed_by_client(5)  # arbstr hung up on the silent provider
 
     request_id = stream.response.headers["x-arbstr-request-id"]
-    row = settled_row(server, request_id)
+    row = server.settled_row(request_id)
     assert row["status"] == "interrupted" and row["success"] is False
     assert "silent" in row["error"]["message"]
     assert row["tokens"] == {"input": None, "output": None, "cached": None, "reasoning": None} and row["cost_sats"] is None
@@ -272,7 +264,7 @@ def test_a_finished_stream_without_done_is_complete(single, chunked: bool) -> No
     assert err is None
     assert text_of(got) == "Hello from p!" and got[-1].usage.completion_tokens == 45
 
-    row = settled_row(server, request_id)
+    row = server.settled_row(request_id)
     assert row["status"] == "complete" and row["success"] is True and row["error"] is None
     assert row["cost_sats"] == pytest.approx(expected_cost(USAGE), abs=1e-12)
     assert failure_count(server) == 0
@@ -299,7 +291,7 @@ def test_upstream_ending_unfinished_without_done(single, chunked: bool) -> None:
     assert isinstance(err, openai.APIError) and err.code == "stream_interrupted"
     assert text_of(got) == "Hello from p!" and got[-1].usage.completion_tokens == 45
 
-    row = settled_row(server, request_id)
+    row = server.settled_row(request_id)
     assert row["status"] == "interrupted" and row["success"] is False
     assert "[DONE]" in row["error"]["message"]
     assert row["tokens"] == {"input": 123, "output": 45, "cached": 0, "reasoning": None}  # the usage seen before the end still counts
@@ -351,7 +343,7 @@ def test_client_leaving_closes_the_upstream(single, leave: Callable[[ArbstrServe
     conn.wait_closed_by_client(timeout=10)  # generous: the alternative is the 60 s stall
     assert not stall.released and conn.events_sent <= 4  # the provider stopped generating
 
-    row = settled_row(server, request_id)
+    row = server.settled_row(request_id)
     assert row["status"] == "client_disconnected" and row["success"] is False
     assert row["tokens"] == {"input": None, "output": None, "cached": None, "reasoning": None} and row["cost_sats"] is None
     # The stream's duration is real time within this test, not the whole stream's 60 s and more.
@@ -366,18 +358,18 @@ def test_stream_outcomes_feed_the_breaker(single) -> None:
     up.script(sse(cut_after=2, cut="rst", interval=0.05))
     r = server.chat(stream=True)
     assert b'"stream_interrupted"' in r.content
-    assert settled_row(server, r.headers["x-arbstr-request-id"])["status"] == "interrupted"
+    assert server.settled_row(r.headers["x-arbstr-request-id"])["status"] == "interrupted"
     assert failure_count(server) == 1
 
     up.script(sse(content=" ".join(["w"] * 40), interval=INTERVAL))
     request_id = _leave_after_one_chunk_sdk(server)
     up.connections[-1].wait_closed_by_client(timeout=10)
-    assert settled_row(server, request_id)["status"] == "client_disconnected"
+    assert server.settled_row(request_id)["status"] == "client_disconnected"
     assert failure_count(server) == 1
 
     r = server.chat(stream=True)
     assert r.content.endswith(b"data: [DONE]\n\n")
-    assert settled_row(server, r.headers["x-arbstr-request-id"])["status"] == "complete"
+    assert server.settled_row(r.headers["x-arbstr-request-id"])["status"] == "complete"
     assert failure_count(server) == 0
 
 
@@ -525,7 +517,7 @@ def test_error_as_first_event_fails_over_to_the_next_provider(fake_upstream, mak
     body = r.content
     assert b"keep-alive" not in body and b"overloaded" not in body
     assert body.endswith(b"data: [DONE]\n\n")
-    row = settled_row(server, r.headers["x-arbstr-request-id"])
+    row = server.settled_row(r.headers["x-arbstr-request-id"])
     assert row["status"] == "complete" and row["provider"] == "fallback" and row["retries"] == "1/primary"
     assert failure_count(server, "primary") == 1 and failure_count(server, "fallback") == 0
 

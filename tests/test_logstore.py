@@ -28,6 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 V2_SCHEMA = (ROOT / "tests" / "schema_v2.sql").read_text(encoding="utf-8")
 NEW_IN_V3 = ("cached_tokens", "reasoning_tokens", "cost_source", "rates_cost_sats", "max_cost_sats", "api",
              "routed_model")
+# schema.sql at version 3 (before output tokens a second, the first-token and speed band counts, captures).
+V3_SCHEMA = (ROOT / "tests" / "schema_v3.sql").read_text(encoding="utf-8")
+NEW_IN_V4 = ("output_tokens_per_sec",)
 
 
 def row(i: int = 0, **over) -> dict:
@@ -89,7 +92,7 @@ def wait_for(condition, timeout: float = 10.0) -> None:
 def rollup_is_consistent(path: Path) -> bool:
     """The hourly tables, kept by the writer and triggers, equal a recomputation from the rows."""
     conn = sqlite3.connect(path, isolation_level=None)
-    tables = ("requests_hourly", "requests_latency_hourly", "rollup_state")
+    tables = ("requests_hourly", *(m.table for m in logdb.METRICS), "rollup_state")
     try:
         kept = [sorted(conn.execute(f"SELECT * FROM {t}").fetchall()) for t in tables]
         logdb.rebuild_rollup(conn)
@@ -470,8 +473,9 @@ def test_schema_triggers_keep_the_sums_log_db_declares() -> None:
     table = [(name, kind) for _, name, kind, *_ in conn.execute("PRAGMA table_info(requests_hourly)")]
     assert table[:keys] == [(key, "TEXT") for key in logdb.KEY_OF_ROW]
     assert table[keys:] == [(s.column, {int: "INTEGER", float: "REAL"}[s.kind]) for s in logdb.SUMS]
-    bands = [name for _, name, *_ in conn.execute("PRAGMA table_info(requests_latency_hourly)")]
-    assert bands == [*logdb.KEY_OF_ROW, "band", "n"]
+    for m in logdb.METRICS:
+        bands = [name for _, name, *_ in conn.execute(f"PRAGMA table_info({m.table})")]
+        assert bands == [*logdb.KEY_OF_ROW, "band", "n"]
 
     # Rows on which every two sums differ somewhere, so that two sums swapped cannot go unnoticed; the
     # key's names in every form (NULL, '', another case; a NULL api counts as 'chat').
@@ -644,12 +648,12 @@ def test_version_2_database_is_migrated_losing_nothing(db: Path, tmp_path: Path)
     store.close()
 
     conn = sqlite3.connect(db)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == logdb.expected_version() == 3
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == logdb.expected_version() == 4
     old_columns = len(before[0])
     after = conn.execute("SELECT * FROM requests ORDER BY id").fetchall()
     conn.close()
     assert [r[:old_columns] for r in after[:-1]] == before  # every old row, every value, the same id
-    assert all(r[old_columns:] == (None,) * len(NEW_IN_V3) for r in after[:-1])
+    assert all(r[old_columns:] == (None,) * len(NEW_IN_V3 + NEW_IN_V4) for r in after[:-1])
     assert len(after) == len(rows) and fetch(db, new["request_id"])["max_cost_sats"] == 3.5
     assert rollup_is_consistent(db)
     fresh = tmp_path / "fresh.db"
@@ -686,6 +690,38 @@ def test_version_2_database_is_migrated_losing_nothing(db: Path, tmp_path: Path)
     for api, n in (("chat", len(kept) - 1), ("messages", 1)):
         assert queries.stats(str(db), {"range": "last_24h", "api": api})["counts"]["total"] == n
         assert queries.list_requests(str(db), {"range": "last_24h", "api": api})["total"] == n
+
+
+def test_version_3_database_is_migrated_with_first_token_percentiles(db: Path, tmp_path: Path) -> None:
+    """Old rows keep every value (no speed: NULL); their first-token times are counted in the new bands, so
+    TTFT percentiles cover them at once; new rows bring their speed; the layout is a new database's."""
+    db.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db, isolation_level=None)
+    assert logdb.apply_schema(conn, V3_SCHEMA) == 3
+    old = [row(i, streaming=True, status="complete", ttft_ms=10 * (i + 1)) for i in range(9)]
+    with logdb.transaction(conn):
+        for r in old:
+            logdb.apply_op(conn, ("insert", {k: v for k, v in r.items() if k not in NEW_IN_V4}), "v3")
+    before = conn.execute("SELECT * FROM requests ORDER BY id").fetchall()
+    conn.close()
+
+    store = LogStore(str(db))
+    store.start()
+    new = row(50, streaming=True, status="complete", ttft_ms=1000, output_tokens_per_sec=42.5)
+    store.insert(new)
+    store.close()
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == logdb.expected_version() == 4
+    after = conn.execute("SELECT * FROM requests ORDER BY id").fetchall()
+    conn.close()
+    assert [r[:-1] for r in after[:-1]] == before and all(r[-1] is None for r in after[:-1])
+    assert rollup_is_consistent(db)
+    fresh = tmp_path / "fresh.db"
+    logdb.open_writer(str(fresh)).close()
+    assert schema_of(db) == schema_of(fresh)
+    perf = queries.stats(str(db), {"range": "last_24h"})["performance"]
+    ttfts = sorted([r["ttft_ms"] for r in old] + [1000])  # ten: nearest rank p50 is the 5th, p95 the 10th
+    assert (perf["p50_ttft_ms"], perf["p95_ttft_ms"], perf["p50_output_tokens_per_sec"]) == (ttfts[4], 1000, 42.5)
 
 
 def test_migration_is_one_transaction(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -727,7 +763,7 @@ def test_version_1_database_is_upgraded(db: Path) -> None:
     store.close()
     conn = sqlite3.connect(db)
     objects = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == logdb.expected_version() == 3
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == logdb.expected_version() == 4
     conn.close()
     assert {"rollup_state", "requests_latency_hourly", "idx_requests_hour_cost"} <= objects
     assert not {"idx_requests_cost", "requests_hourly_insert"} & objects

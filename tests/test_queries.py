@@ -51,6 +51,7 @@ def make_rows(n: int = 1500, seed: int = 7) -> list[dict[str, Any]]:
     (routed_model); their own random stream keeps the other values as they were before rows had an API."""
     rnd = random.Random(seed)
     via = random.Random(seed + 1)
+    pace = random.Random(seed + 2)
     rows = []
     for i in range(n):
         ts = NOW - timedelta(seconds=rnd.uniform(-600, 40 * 86400))  # a few in the future, some past 30 days
@@ -98,6 +99,8 @@ def make_rows(n: int = 1500, seed: int = 7) -> list[dict[str, Any]]:
             "max_cost_sats": dearest if source else None,
             "api": api,
             "routed_model": routed,
+            # Some successes know no speed; some failures do (a stream cut short): neither counts.
+            "output_tokens_per_sec": round(pace.uniform(0.5, 300), 3) if pace.random() < 0.8 else None,
         })
     # Exact edges: since is inclusive, until exclusive.
     rows[0]["timestamp"] = format_utc(NOW - timedelta(hours=1))
@@ -118,7 +121,7 @@ def write(path: Path, rows: list[dict[str, Any]], rolled_up: int) -> None:
                 start = {**r, "status": "streaming", "success": False, "cost_sats": None, "input_tokens": None,
                          "output_tokens": None, "latency_ms": None, "ttft_ms": None, "stream_duration_ms": None,
                          "cached_tokens": None, "reasoning_tokens": None, "cost_source": None,
-                         "rates_cost_sats": None, "max_cost_sats": None}
+                         "rates_cost_sats": None, "max_cost_sats": None, "output_tokens_per_sec": None}
                 logdb.apply_op(conn, ("insert", start if r["streaming"] else r), "test")
             if fold:
                 logdb.roll_up(conn)
@@ -186,7 +189,8 @@ def group_of(r: dict[str, Any], group_by: str) -> str:
 
 def expected(rows: list[dict[str, Any]]) -> dict[str, Any]:
     lat = sorted(r["latency_ms"] for r in rows if r["success"] and r["latency_ms"] is not None)
-    ttft = [r["ttft_ms"] for r in rows if r["success"] and r["ttft_ms"] is not None]
+    ttft = sorted(r["ttft_ms"] for r in rows if r["success"] and r["ttft_ms"] is not None)
+    speed = sorted(r["output_tokens_per_sec"] for r in rows if r["success"] and r["output_tokens_per_sec"] is not None)
     # Savings, row by row (test_savings_by_hand pins the definition with numbers): what the dearest
     # provider would have charged for the row, less what it cost, never below 0; rows that do not know
     # both add nothing.
@@ -196,8 +200,10 @@ def expected(rows: list[dict[str, Any]]) -> dict[str, Any]:
     def total(key: str) -> Any:
         return sum(r[key] or 0 for r in rows)
 
-    def nearest_rank(p: int) -> Any:
-        return lat[math.ceil(p / 100 * len(lat)) - 1] if lat else None
+    cost, out_tokens = total("cost_sats"), total("output_tokens")
+
+    def nearest_rank(p: int, values: list[Any] = lat) -> Any:
+        return values[math.ceil(p / 100 * len(values)) - 1] if values else None
 
     return {
         "counts": {
@@ -222,6 +228,11 @@ def expected(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "p95_latency_ms": nearest_rank(95),
             "p99_latency_ms": nearest_rank(99),
             "avg_ttft_ms": pytest.approx(sum(ttft) / len(ttft)) if ttft else None,
+            "p50_ttft_ms": nearest_rank(50, ttft),
+            "p95_ttft_ms": nearest_rank(95, ttft),
+            "p50_output_tokens_per_sec": nearest_rank(50, speed),
+            "success_rate": round(sum(r["success"] for r in rows) / len(rows), 4) if rows else None,
+            "cost_per_1m_output_tokens_sats": pytest.approx(cost / out_tokens * 1e6, abs=0.001) if out_tokens else None,
         },
     }
 
@@ -598,7 +609,8 @@ def test_list_past_the_end_and_row_shape(dataset) -> None:
         "tokens": {"input": None, "output": None, "cached": None, "reasoning": None}, "cost_sats": None,
         "cost_source": None, "rates_cost_sats": None, "max_cost_sats": None,
         "timing": {"latency_ms": err_row["latency_ms"], "ttft_ms": None,
-                   "stream_duration_ms": err_row["stream_duration_ms"]},
+                   "stream_duration_ms": err_row["stream_duration_ms"],
+                   "output_tokens_per_sec": err_row["output_tokens_per_sec"]},
         "retries": err_row["retries"], "error": {"type": "upstream_error", "message": "upstream said no"},
     }
     ok_row = next(r for r in rows if r["streaming"] and r["success"] and r["cost_source"] == "provider"

@@ -33,6 +33,7 @@ def cfg(tmp_path: Path) -> Config:
                 "cost_source": "provider" if i % 2 else "rates", "rates_cost_sats": rates,
                 "max_cost_sats": (1000 * 10 + (100 + i) * 30) / 1000 + 1,  # at provider-alpha
                 "latency_ms": 100 + i, "retries": None if ok else "1/provider-beta",
+                "output_tokens_per_sec": 20.0 + i / 4 if ok else None,
                 "error_type": None if ok else "upstream_error",
                 # Every third through /v1/messages, naming an alias of gpt-4o; the others through chat,
                 # some logged before the API was recorded (NULL: chat).
@@ -41,6 +42,12 @@ def cfg(tmp_path: Path) -> Config:
             }), "test")
     conn.close()
     return Config(providers=PROVIDERS, database=DatabaseConfig(path=str(path)))
+
+
+def tables(text: str) -> list[list[str]]:
+    """The group tables after the summary: blocks of lines separated by a blank line, headed by GROUP."""
+    blocks = [b.splitlines() for b in text.split("\n\n")]
+    return [b for b in blocks if b and b[0].startswith("GROUP")]
 
 
 def test_stats_table_and_json_agree_with_the_api(cfg: Config) -> None:
@@ -55,13 +62,22 @@ def test_stats_table_and_json_agree_with_the_api(cfg: Config) -> None:
     for key in ("total_cost_sats", "reported_cost_sats", "rates_cost_sats", "savings_sats"):
         assert f"{costs[key]:,.3f}" in text, key  # 3 decimals, like the API
     assert f"{149 * 250:,} cached" in text and f"{149 * 40:,} reasoning" in text
-    header, row = text.splitlines()[-2:]
+    (header, row), (perf_header, perf_row) = tables(text)
     assert header.split()[:3] == ["GROUP", "REQUESTS", "ERRORS"] and row.split()[:3] == ["gpt-4o", "149", str(errors)]
     cells = dict(zip(header.split(), row.split(), strict=True))
     assert (cells["REPORTED"], cells["AT_RATES"], cells["SAVED_SATS"], cells["CACHED"], cells["REASONING"]) == (
         f"{costs['reported_cost_sats']:,.3f}", f"{costs['rates_cost_sats']:,.3f}", f"{costs['savings_sats']:,.3f}",
         f"{149 * 250:,}", f"{149 * 40:,}")
     assert len(header) == len(row)  # aligned columns
+    perf = doc["performance"]
+    assert dict(zip(perf_header.split(), perf_row.split(), strict=True)) == {
+        "GROUP": "gpt-4o", "OK": f"{perf['success_rate']:.1%}", "P50_MS": str(perf["p50_latency_ms"]),
+        "P95_MS": str(perf["p95_latency_ms"]), "P99_MS": str(perf["p99_latency_ms"]), "TTFT_P50": "-",
+        "TTFT_P95": "-", "TOK/S_P50": f"{perf['p50_output_tokens_per_sec']:,.1f}",
+        "SATS/1M_OUT": f"{perf['cost_per_1m_output_tokens_sats']:,.3f}",
+    }
+    assert perf["success_rate"] == round((149 - errors) / 149, 4) and perf["p50_output_tokens_per_sec"] is not None
+    assert f"p50 {perf['p50_output_tokens_per_sec']:,.1f} output tokens/s" in text
     out = io.StringIO()
     assert report.run_stats(cfg, "last_24h", "model", as_json=True, out=out) == 0
     got = json.loads(out.getvalue())
@@ -75,7 +91,7 @@ def test_stats_by_api(cfg: Config) -> None:
     messages = [i for i in range(1, 150) if i % 3 == 2]
     assert {k: g["counts"]["total"] for k, g in doc["groups"].items()} == {"chat": 149 - len(messages),
                                                                           "messages": len(messages)}
-    header, *rows = out.getvalue().splitlines()[-3:]
+    header, *rows = tables(out.getvalue())[0]
     assert header.split()[:2] == ["GROUP", "REQUESTS"]
     assert [r.split()[:2] for r in rows] == [["chat", str(149 - len(messages))], ["messages", str(len(messages))]]
 

@@ -75,18 +75,57 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "DROP TABLE IF EXISTS requests_latency_hourly",
         "DROP TABLE IF EXISTS rollup_state",
     ),
-    # 4: output tokens a second per row (NULL in the rows before); debug_captures is new (schema.sql).
+    # 4: output tokens a second per row (NULL in the rows before), and band counts of first-token times and
+    # of speeds (new tables and indexes in schema.sql, filled by the re-totalling), so the triggers that
+    # keep them are made again; debug_captures is new.
     4: (
         "ALTER TABLE requests ADD COLUMN output_tokens_per_sec REAL",
+        "DROP TRIGGER IF EXISTS requests_hourly_update",
+        "DROP TRIGGER IF EXISTS requests_hourly_delete",
     ),
 }
 
 WRITER_CACHE_KIB = 4096  # the writer's page cache: it fills as the database grows and stays in RSS
 WAL_CHECKPOINT_PAGES = 10000  # about 40 MB of WAL between automatic checkpoints
 
-TIMED_OK = "success = 1 AND latency_ms IS NOT NULL"  # the rows latency averages and percentiles count
-# The same rows where another index should narrow the set: "+" keeps these columns out of the choice.
-TIMED_OK_UNINDEXED = "+success = 1 AND +latency_ms IS NOT NULL"
+
+
+class Metric(NamedTuple):
+    """A per-row measurement /v1/stats gives percentiles of, over the successful rows that have it.
+
+    Each has its hourly band counts (``table``, filled like requests_latency_hourly: schema.sql) and two
+    indexes the percentile walks use (reads/percentiles.py): one in value order, one hour by hour.
+    """
+
+    name: str
+    column: str  # in requests
+    table: str  # hourly band counts
+    index: str  # (column, success, timestamp, names...)
+    hour_index: str  # (hour, success, column, timestamp, names...)
+    percentiles: tuple[int, ...]  # which ones /v1/stats shows
+
+    @property
+    def ok(self) -> str:
+        """The rows it counts."""
+        return f"success = 1 AND {self.column} IS NOT NULL"
+
+    @property
+    def ok_unindexed(self) -> str:
+        """The same rows where another index should narrow the set: "+" keeps these columns out of the choice."""
+        return f"+success = 1 AND +{self.column} IS NOT NULL"
+
+    @property
+    def band_of_row(self) -> str:
+        return f"(SELECT MAX(lo) FROM latency_bands WHERE lo <= {self.column})"  # schema.sql latency_bands
+
+
+LATENCY = Metric("latency", "latency_ms", "requests_latency_hourly", "idx_requests_latency",
+                 "idx_requests_hour_latency", (50, 95, 99))
+TTFT = Metric("ttft", "ttft_ms", "requests_ttft_hourly", "idx_requests_ttft", "idx_requests_hour_ttft", (50, 95))
+SPEED = Metric("speed", "output_tokens_per_sec", "requests_speed_hourly", "idx_requests_speed",
+               "idx_requests_hour_speed", (50,))
+METRICS = (LATENCY, TTFT, SPEED)
+TIMED_OK = LATENCY.ok  # the rows latency averages and percentiles count
 
 # What one bad row raises (a duplicate request_id, a NULL where none may be; ValueError: a str SQLite
 # cannot encode; OverflowError: an int past 64 bits): retrying cannot fix it, so the row is dropped and
@@ -379,16 +418,16 @@ SUMS = (
     Sum("ttft_n", "COUNT(IIF(success = 1, ttft_ms, NULL))", int),
 )
 ROW_SUMS = ", ".join(s.of_rows for s in SUMS)  # the sums over rows of requests, in SUMS order
-BAND_OF_LATENCY = "(SELECT MAX(lo) FROM latency_bands WHERE lo <= latency_ms)"  # schema.sql latency_bands
+BAND_OF_LATENCY = LATENCY.band_of_row
 # The rows with id > ? folded into the hourly tables. NOT INDEXED: the new rows are the last few ids,
 # whatever an index on success might promise the planner.
 _ROLL_UP = (
     (f"INSERT INTO requests_hourly ({', '.join([*KEY_OF_ROW, *(s.column for s in SUMS)])}) "
      f"SELECT {HOURLY_KEY}, {ROW_SUMS} FROM requests NOT INDEXED WHERE id > ? GROUP BY {_BY_KEY} "
      "ON CONFLICT DO UPDATE SET " + ", ".join(f"{s.column} = {s.column} + excluded.{s.column}" for s in SUMS)),
-    (f"INSERT INTO requests_latency_hourly SELECT {HOURLY_KEY}, {BAND_OF_LATENCY}, COUNT(*) FROM requests "
-     f"NOT INDEXED WHERE id > ? AND {TIMED_OK} GROUP BY {_BY_KEY}, {len(KEY_OF_ROW) + 1} "
-     "ON CONFLICT DO UPDATE SET n = n + excluded.n"),
+    *(f"INSERT INTO {m.table} SELECT {HOURLY_KEY}, {m.band_of_row}, COUNT(*) FROM requests "
+      f"NOT INDEXED WHERE id > ? AND {m.ok} GROUP BY {_BY_KEY}, {len(KEY_OF_ROW) + 1} "
+      "ON CONFLICT DO UPDATE SET n = n + excluded.n" for m in METRICS),
 )
 
 
@@ -415,6 +454,7 @@ def rebuild_rollup(conn: sqlite3.Connection) -> None:
 def _refold(conn: sqlite3.Connection) -> None:
     """Empty the hourly tables and fold every row in again; call inside a write transaction."""
     conn.execute("DELETE FROM requests_hourly")
-    conn.execute("DELETE FROM requests_latency_hourly")
+    for m in METRICS:
+        conn.execute(f"DELETE FROM {m.table}")
     conn.execute("UPDATE rollup_state SET upto = 0")
     roll_up(conn)

@@ -14,16 +14,15 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from ..errors import bad_request
-from ..log.db import SUMS, Sum
+from ..log.db import METRICS, SUMS, Sum
 
-PERCENTILES = (50, 95, 99)
 NONE_KEY = "(none)"  # group key of rows without a model, provider or policy
 MAX_BUCKETS = 10000  # a year of hours; more is a mistake, not a chart
 
 
-def percentile_ranks(n: int) -> list[int]:
-    """0-based nearest-rank positions of p50/p95/p99 among ``n`` sorted values (``n`` ≥ 1)."""
-    return [max(0, math.ceil(p * n / 100) - 1) for p in PERCENTILES]
+def percentile_ranks(n: int, percentiles: Sequence[int]) -> list[int]:
+    """0-based nearest-rank positions of ``percentiles`` (50, 95, ...) among ``n`` sorted values (``n`` ≥ 1)."""
+    return [max(0, math.ceil(p * n / 100) - 1) for p in percentiles]
 
 
 def group_key(value: Any) -> str:
@@ -65,9 +64,12 @@ class Totals:
 
     label: str = ""
     sums: dict[str, float] = field(default_factory=_zeros)
-    # latency band (its lower edge, schema.sql latency_bands) → successful latencies in it
-    bands: dict[int, int] = field(default_factory=dict)
-    percentiles: list[Any] = field(default_factory=lambda: [None, None, None])
+    # metric name (log/db.py METRICS) → band (its lower edge, schema.sql latency_bands) → successful rows
+    # whose value is in it
+    bands: dict[str, dict[int, int]] = field(default_factory=lambda: {m.name: {} for m in METRICS})
+    # metric name → its values at the metric's percentiles
+    percentiles: dict[str, list[Any]] = field(
+        default_factory=lambda: {m.name: [None] * len(m.percentiles) for m in METRICS})
 
     def add(self, values: Sequence[Any], sums: Sequence[Sum] = SUMS) -> None:
         """Add sums over rows, in the order of ``sums`` (all of SUMS unless told): a row of either source
@@ -77,8 +79,13 @@ class Totals:
             if v is not None:
                 own[s.column] += s.kind(v)
 
-    def add_band(self, lo: int, n: int) -> None:
-        self.bands[lo] = self.bands.get(lo, 0) + n
+    def add_band(self, metric: str, lo: int, n: int) -> None:
+        bands = self.bands[metric]
+        bands[lo] = bands.get(lo, 0) + n
+
+    def measured(self, metric: str) -> int:
+        """How many rows the metric's percentiles rank."""
+        return sum(self.bands[metric].values())
 
     @classmethod
     def merge(cls, parts: Iterable[Totals]) -> Totals:
@@ -86,8 +93,9 @@ class Totals:
         for p in parts:
             for column, v in p.sums.items():
                 out.sums[column] += v
-            for lo, n in p.bands.items():
-                out.add_band(lo, n)
+            for metric, bands in p.bands.items():
+                for lo, n in bands.items():
+                    out.add_band(metric, lo, n)
         return out
 
     def count(self, success: bool | None = None, streaming: bool | None = None) -> int:
@@ -106,8 +114,12 @@ class Totals:
 
         ``savings_sats`` adds up each row's own savings (log/db.py SUMS): rows whose cost or
         ``max_cost_sats`` is unknown (rows logged before schema version 3 among them) add nothing.
+        ``cost_per_1m_output_tokens_sats`` is the cost over the output tokens, whichever part of it paid
+        for input (the figure Plexus ranks by): rows with unknown usage have unknown cost too.
         """
-        p50, p95, p99 = self.percentiles
+        p50, p95, p99 = self.percentiles["latency"]
+        ttft50, ttft95 = self.percentiles["ttft"]
+        (speed50,) = self.percentiles["speed"]
         s = self.sums
         return {
             "counts": {
@@ -132,5 +144,11 @@ class Totals:
                 "p95_latency_ms": p95,
                 "p99_latency_ms": p99,
                 "avg_ttft_ms": s["ttft_sum"] / s["ttft_n"] if s["ttft_n"] else None,
+                "p50_ttft_ms": ttft50,
+                "p95_ttft_ms": ttft95,
+                "p50_output_tokens_per_sec": speed50,
+                "success_rate": round(s["success"] / s["total"], 4) if s["total"] else None,
+                "cost_per_1m_output_tokens_sats": (
+                    sats(s["cost_sats"] * 1_000_000 / s["output_tokens"]) if s["output_tokens"] else None),
             },
         }

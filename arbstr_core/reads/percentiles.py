@@ -1,17 +1,17 @@
-"""Exact nearest-rank latency percentiles over a million rows, without sorting them in Python (SPEC §4.7).
+"""Exact nearest-rank percentiles over a million rows, without sorting them in Python (SPEC §4.7).
 
-Each function returns the latencies at the p50/p95/p99 ranks among the successful requests with a
-latency that match ``where`` (an SQL condition over ``requests`` and its parameters). They differ in
-how SQLite reaches a rank; every step runs in C inside SQLite, which skips index entries at several
-million a second:
+Each function returns a metric's values (log/db.py METRICS: latency, first-token time, speed) at its
+percentile ranks, among the successful requests with that value that match ``where`` (an SQL condition
+over ``requests`` and its parameters). They differ in how SQLite reaches a rank; every step runs in C
+inside SQLite, which skips index entries at several million a second:
 
 - ``by_sorting``: fetch the set and sort it; for small sets.
-- ``in_hour``: walk ``idx_requests_hour_latency`` within one hour, ``LIMIT 1 OFFSET k`` from the nearer
-  end; it visits only that hour's rows.
-- ``in_bands``: the hourly band counts (schema.sql ``requests_latency_hourly``) say which power-of-two
-  band holds rank k and how many of the set's latencies lie below it, so the walk in
-  ``idx_requests_latency`` starts at that band's nearer edge: it visits the table's rows of part of
-  one band, not half the table.
+- ``in_hour``: walk the metric's hourly index (``idx_requests_hour_latency``, ...) within one hour,
+  ``LIMIT 1 OFFSET k`` from the nearer end; it visits only that hour's rows.
+- ``in_bands``: the hourly band counts (schema.sql ``requests_latency_hourly``, ...) say which band holds
+  rank k and how many of the set's values lie below it, so the walk in the metric's index
+  (``idx_requests_latency``, ...) starts at that band's nearer edge: it visits the table's rows of part
+  of one band, not half the table.
 """
 
 from __future__ import annotations
@@ -21,41 +21,41 @@ import sqlite3
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..log.db import TIMED_OK, TIMED_OK_UNINDEXED
-from .aggregate import PERCENTILES, percentile_ranks
+from ..log.db import Metric
+from .aggregate import percentile_ranks
 from .args import Where
 
 
-def by_sorting(conn: sqlite3.Connection, where: Where) -> list[Any]:
+def by_sorting(conn: sqlite3.Connection, m: Metric, where: Where) -> list[Any]:
     """Fetch and sort: cheapest for a few thousand rows."""
     cond, params = where
-    sql = f"SELECT latency_ms FROM requests WHERE {cond} AND {TIMED_OK_UNINDEXED}"  # narrowed by time/name
+    sql = f"SELECT {m.column} FROM requests WHERE {cond} AND {m.ok_unindexed}"  # narrowed by time/name
     values = sorted(r[0] for r in conn.execute(sql, params))
-    return [values[k] for k in percentile_ranks(len(values))] if values else [None] * len(PERCENTILES)
+    return [values[k] for k in percentile_ranks(len(values), m.percentiles)] if values else [None] * len(m.percentiles)
 
 
-def in_hour(conn: sqlite3.Connection, hour: str, where: Where, n: int) -> list[Any]:
-    """Walk one hour (``'2026-05-01T13'``) of the hourly latency index; ``n`` latencies match."""
+def in_hour(conn: sqlite3.Connection, m: Metric, hour: str, where: Where, n: int) -> list[Any]:
+    """Walk one hour (``'2026-05-01T13'``) of the metric's hourly index; ``n`` values match."""
     cond, params = where
     out = []
-    for k in percentile_ranks(n):
+    for k in percentile_ranks(n, m.percentiles):
         up = k <= n - 1 - k
         sql = (
-            "SELECT latency_ms FROM requests INDEXED BY idx_requests_hour_latency WHERE substr(timestamp, 1, 13) = ? "
-            f"AND {TIMED_OK} AND {cond} ORDER BY latency_ms {'ASC' if up else 'DESC'} LIMIT 1 OFFSET ?"
+            f"SELECT {m.column} FROM requests INDEXED BY {m.hour_index} WHERE substr(timestamp, 1, 13) = ? "
+            f"AND {m.ok} AND {cond} ORDER BY {m.column} {'ASC' if up else 'DESC'} LIMIT 1 OFFSET ?"
         )
         out.append(_first(conn, sql, [hour, *params, k if up else n - 1 - k]))
     return out
 
 
-def in_bands(conn: sqlite3.Connection, where: Where, bands: Mapping[int, int]) -> list[Any]:
+def in_bands(conn: sqlite3.Connection, m: Metric, where: Where, bands: Mapping[int, int]) -> list[Any]:
     """Walk from the edge of the band holding each rank; ``bands`` maps a band's lower edge to how many
-    of the set's latencies it holds (they must add up to the set exactly)."""
+    of the set's values it holds (they must add up to the set exactly)."""
     cond, params = where
     edges = [*sorted(lo for lo, count in bands.items() if count), math.inf]
     out = []
-    i, below = 0, 0  # the band edges[i], and how many of the set's latencies lie below it
-    for k in percentile_ranks(sum(bands.values())):
+    i, below = 0, 0  # the band edges[i], and how many of the set's values lie below it
+    for k in percentile_ranks(sum(bands.values()), m.percentiles):
         while below + bands[edges[i]] <= k:
             below += bands[edges[i]]
             i += 1
@@ -65,8 +65,8 @@ def in_bands(conn: sqlite3.Connection, where: Where, bands: Mapping[int, int]) -
         else:
             bound, op, order, offset = edges[i + 1], "<", "DESC", below + inside - 1 - k
         sql = (
-            f"SELECT latency_ms FROM requests INDEXED BY idx_requests_latency WHERE {TIMED_OK} AND latency_ms {op} ? "
-            f"AND {cond} ORDER BY latency_ms {order} LIMIT 1 OFFSET ?"
+            f"SELECT {m.column} FROM requests INDEXED BY {m.index} WHERE {m.ok} AND {m.column} {op} ? "
+            f"AND {cond} ORDER BY {m.column} {order} LIMIT 1 OFFSET ?"
         )
         out.append(_first(conn, sql, [bound, *params, offset]))
     return out

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -30,19 +30,10 @@ from typing import Any
 from urllib.parse import quote
 
 from ..errors import ArbstrError
-from ..log.db import (
-    API_OF_ROW,
-    BAND_OF_LATENCY,
-    COLUMNS,
-    KEY_OF_ROW,
-    SUMS,
-    TIMED_OK_UNINDEXED,
-    Sum,
-    expected_version,
-)
+from ..log.db import API_OF_ROW, COLUMNS, KEY_OF_ROW, METRICS, SUMS, Metric, Sum, expected_version
 from ..timefmt import format_utc
 from . import costorder, percentiles
-from .aggregate import NONE_KEY, PERCENTILES, Totals, bucket_starts, group_key, sats
+from .aggregate import NONE_KEY, Totals, bucket_starts, group_key, sats
 from .args import Filters, Where, parse_list_args, parse_stats_args
 
 # Percentiles of at most SMALL_SET latencies, or of 1/SORT_SHARE of the table, are sorted in Python
@@ -117,42 +108,43 @@ def _hour_floor(dt: datetime) -> datetime:
     return dt.replace(minute=0, second=0, microsecond=0)
 
 
-def _add_band(t: Totals, row: Sequence[Any]) -> None:
-    t.add_band(row[1], row[2])
-
-
-# Per group (``key``): sums (log/db.py SUMS, or some of them), then latency bands; from the hourly tables
-# (the bands of each hour, which the groups add up: Totals.add_band; see _band_passes), and from the rows.
+# Per group (``key``): sums (log/db.py SUMS, or some of them), then each metric's band counts; from the
+# hourly tables (the bands of each hour, which the groups add up: Totals.add_band; see _band_passes), and
+# from the rows.
 _SUMS_OF_HOURS = "SELECT {key}, {sums} FROM requests_hourly WHERE {cond} GROUP BY 1"
-_BANDS_OF_HOURS = "SELECT {key}, band, SUM(n) FROM requests_latency_hourly WHERE {cond} GROUP BY {band_group}"
+_BANDS_OF_HOURS = "SELECT {key}, band, SUM(n) FROM {table} WHERE {cond} GROUP BY {band_group}"
 _SUMS_OF_ROWS = "SELECT {key}, {sums} FROM {source} WHERE {cond} GROUP BY 1"
-_BANDS_OF_ROWS = (f"SELECT {{key}}, {BAND_OF_LATENCY}, COUNT(*) FROM {{source}} WHERE {{cond}} AND {TIMED_OK_UNINDEXED} "
-                  "GROUP BY 1, 2")
+_BANDS_OF_ROWS = "SELECT {key}, {band}, COUNT(*) FROM {source} WHERE {cond} AND {ok} GROUP BY 1, 2"
 
 
 def _totals(
     conn: sqlite3.Connection, f: Filters, group_by: str | None, bands: bool = True, sums: Sequence[Sum] = SUMS
 ) -> dict[str, Totals]:
-    """Sums (and latency bands) per group: whole hours from the hourly tables, the rest from requests."""
+    """Sums (and band counts) per group: whole hours from the hourly tables, the rest from requests."""
     roll_key, raw_key = _GROUP_SQL[group_by]
     rollup, raw = _split(conn, f)
 
     def add_sums(t: Totals, row: Sequence[Any]) -> None:
         t.add(row[1:], sums)
 
+    def add_band(m: Metric) -> Callable[[Totals, Sequence[Any]], None]:
+        return lambda t, row: t.add_band(m.name, row[1], row[2])
+
     jobs = []
+    passes = _band_passes(conn, rollup, group_by) if rollup and bands else []
     if rollup:
         cond, params = rollup
         hourly_sums = ", ".join(f"SUM({s.column})" for s in sums)
         jobs.append((_SUMS_OF_HOURS.format(key=roll_key, sums=hourly_sums, cond=cond), params, add_sums))
-        if bands:
-            jobs += [(_BANDS_OF_HOURS.format(key=roll_key, cond=c, band_group=by), p, _add_band)
-                     for c, p, by in _band_passes(conn, rollup, group_by)]
+    for m in METRICS if bands else ():
+        jobs += [(_BANDS_OF_HOURS.format(key=roll_key, table=m.table, cond=c, band_group=by), p, add_band(m))
+                 for c, p, by in passes]
     row_sums = ", ".join(s.of_rows for s in sums)
     for source, cond, params in raw:
         jobs.append((_SUMS_OF_ROWS.format(key=raw_key, sums=row_sums, source=source, cond=cond), params, add_sums))
-        if bands:
-            jobs.append((_BANDS_OF_ROWS.format(key=raw_key, source=source, cond=cond), params, _add_band))
+        for m in METRICS if bands else ():
+            sql = _BANDS_OF_ROWS.format(key=raw_key, band=m.band_of_row, source=source, cond=cond, ok=m.ok_unindexed)
+            jobs.append((sql, params, add_band(m)))
     out: dict[str, Totals] = {}
     for sql, params, add in jobs:
         for row in conn.execute(sql, params):
@@ -198,23 +190,24 @@ def _split(conn: sqlite3.Connection, f: Filters) -> tuple[Where | None, list[tup
     return (" AND ".join(clauses), params), raw
 
 
-def _percentiles(conn: sqlite3.Connection, where: Where, t: Totals, table_rows: int) -> list[Any]:
-    """Nearest-rank p50/p95/p99 of the successful latencies matching ``where``, which ``t`` totals."""
-    n = t.sums["latency_n"]
+def _percentiles(conn: sqlite3.Connection, m: Metric, where: Where, t: Totals, table_rows: int) -> list[Any]:
+    """The metric's nearest-rank percentiles over the successful rows matching ``where``, which ``t`` totals."""
+    n = t.measured(m.name)
     if n <= 0:
-        return [None] * len(PERCENTILES)
+        return [None] * len(m.percentiles)
     if n <= max(SMALL_SET, table_rows // SORT_SHARE):
-        return percentiles.by_sorting(conn, where)
-    return percentiles.in_bands(conn, where, t.bands)
+        return percentiles.by_sorting(conn, m, where)
+    return percentiles.in_bands(conn, m, where, t.bands[m.name])
 
 
-def _bucket_percentiles(conn: sqlite3.Connection, f: Filters, group_by: str, t: Totals, table_rows: int) -> list[Any]:
-    """A group's percentiles; an hour walks its own rows in the hourly latency index."""
+def _bucket_percentiles(conn: sqlite3.Connection, m: Metric, f: Filters, group_by: str, t: Totals,
+                        table_rows: int) -> list[Any]:
+    """A group's percentiles; an hour walks its own rows in the metric's hourly index."""
     where = _group_where(f, group_by, t.label)
-    n = t.sums["latency_n"]
+    n = t.measured(m.name)
     if group_by == "hour" and n > 0:
-        return percentiles.in_hour(conn, t.label, where, n)
-    return _percentiles(conn, where, t, table_rows)
+        return percentiles.in_hour(conn, m, t.label, where, n)
+    return _percentiles(conn, m, where, t, table_rows)
 
 
 def _group_where(f: Filters, group_by: str, key: str) -> Where:
@@ -243,9 +236,10 @@ def stats(db_path: str, args: Mapping[str, str], now: datetime | None = None) ->
             table_rows = conn.execute(_TABLE_ROWS).fetchone()[0]
             totals = _totals(conn, f, group_by)
             overall = Totals.merge(totals.values())
-            overall.percentiles = _percentiles(conn, f.where(), overall, table_rows)
-            for t in totals.values() if group_by else ():
-                t.percentiles = _bucket_percentiles(conn, f, group_by, t, table_rows)
+            for m in METRICS:
+                overall.percentiles[m.name] = _percentiles(conn, m, f.where(), overall, table_rows)
+                for t in totals.values() if group_by else ():
+                    t.percentiles[m.name] = _bucket_percentiles(conn, m, f, group_by, t, table_rows)
     result.update(overall.document())
     if group_by in ("hour", "day"):
         result["groups"] = [
@@ -280,6 +274,7 @@ def _row(values: Sequence[Any]) -> dict[str, Any]:
         "rates_cost_sats": sats(r["rates_cost_sats"]), "max_cost_sats": sats(r["max_cost_sats"]),
         "timing": {
             "latency_ms": r["latency_ms"], "ttft_ms": r["ttft_ms"], "stream_duration_ms": r["stream_duration_ms"],
+            "output_tokens_per_sec": r["output_tokens_per_sec"],
         },
         "retries": r["retries"],
         "error": {"type": error_type, "message": message} if error_type is not None or message is not None else None,

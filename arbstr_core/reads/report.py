@@ -28,6 +28,14 @@ def _sats(v: Any) -> str:
     return "-" if v is None else f"{v:,.3f}"  # msat precision, as the API rounds (SPEC §2.3)
 
 
+def _speed(v: Any) -> str:
+    return "-" if v is None else f"{v:,.1f}"
+
+
+def _share(v: Any) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], numeric: range) -> str:
     """Aligned columns: numbers (the ``numeric`` column positions) flush right, text flush left."""
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=True)]
@@ -50,8 +58,11 @@ def format_stats(doc: dict[str, Any], range_: str | None = None) -> str:
         "tokens": [f"{_int(k['total_input_tokens'])} in ({_int(k['total_cached_tokens'])} cached)",
                    f"{_int(k['total_output_tokens'])} out ({_int(k['total_reasoning_tokens'])} reasoning)"],
         "latency": [f"avg {_int(p['avg_latency_ms'])} ms", f"p50 {_int(p['p50_latency_ms'])}",
-                    f"p95 {_int(p['p95_latency_ms'])}", f"p99 {_int(p['p99_latency_ms'])}",
-                    f"ttft avg {_int(p['avg_ttft_ms'])} ms"],
+                    f"p95 {_int(p['p95_latency_ms'])}", f"p99 {_int(p['p99_latency_ms'])}"],
+        "ttft": [f"avg {_int(p['avg_ttft_ms'])} ms", f"p50 {_int(p['p50_ttft_ms'])}", f"p95 {_int(p['p95_ttft_ms'])}"],
+        "speed": [f"p50 {_speed(p['p50_output_tokens_per_sec'])} output tokens/s",
+                  f"{_sats(p['cost_per_1m_output_tokens_sats'])} sats per 1M output tokens",
+                  f"{_share(p['success_rate'])} of requests succeeded"],
     }
     text = f"arbstr stats  {range_ + '  ' if range_ else ''}{span}\n\n"
     text += "".join(f"  {name:<9} {'   '.join(parts)}\n" for name, parts in summary.items())
@@ -71,14 +82,22 @@ def format_stats(doc: dict[str, Any], range_: str | None = None) -> str:
             _sats(g["costs"]["rates_cost_sats"]), _sats(g["costs"]["savings_sats"]),
             _int(g["costs"]["total_input_tokens"]), _int(g["costs"]["total_cached_tokens"]),
             _int(g["costs"]["total_output_tokens"]), _int(g["costs"]["total_reasoning_tokens"]),
-            _int(g["performance"]["p50_latency_ms"]), _int(g["performance"]["p95_latency_ms"]),
-            _int(g["performance"]["avg_ttft_ms"]),
         ]
         for name, g in items
     ]
     headers = [title, "REQUESTS", "ERRORS", "STREAMS", "COST_SATS", "REPORTED", "AT_RATES", "SAVED_SATS",
-               "IN_TOKENS", "CACHED", "OUT_TOKENS", "REASONING", "P50_MS", "P95_MS", "TTFT_MS"]
-    return text + "\n" + table(headers, rows, numeric=range(1, len(headers)))
+               "IN_TOKENS", "CACHED", "OUT_TOKENS", "REASONING"]
+    perf = [
+        [
+            name, _share(q["success_rate"]), _int(q["p50_latency_ms"]), _int(q["p95_latency_ms"]),
+            _int(q["p99_latency_ms"]), _int(q["p50_ttft_ms"]), _int(q["p95_ttft_ms"]),
+            _speed(q["p50_output_tokens_per_sec"]), _sats(q["cost_per_1m_output_tokens_sats"]),
+        ]
+        for name, q in ((name, g["performance"]) for name, g in items)
+    ]
+    perf_headers = [title, "OK", "P50_MS", "P95_MS", "P99_MS", "TTFT_P50", "TTFT_P95", "TOK/S_P50", "SATS/1M_OUT"]
+    return (text + "\n" + table(headers, rows, numeric=range(1, len(headers)))
+            + "\n" + table(perf_headers, perf, numeric=range(1, len(perf_headers))))
 
 
 def format_requests(rows: Sequence[dict[str, Any]]) -> str:
