@@ -6,12 +6,11 @@ over ``requests`` and its parameters). They differ in how SQLite reaches a rank;
 inside SQLite, which skips index entries at several million a second:
 
 - ``by_sorting``: fetch the set and sort it; for small sets.
-- ``in_hour``: walk the metric's hourly index (``idx_requests_hour_latency``, ...) within one hour,
-  ``LIMIT 1 OFFSET k`` from the nearer end; it visits only that hour's rows.
 - ``in_bands``: the hourly band counts (schema.sql ``requests_latency_hourly``, ...) say which band holds
   rank k and how many of the set's values lie below it, so the walk in the metric's index
-  (``idx_requests_latency``, ...) starts at that band's nearer edge: it visits the table's rows of part
-  of one band, not half the table.
+  (``idx_requests_latency``, ...) starts at that band's nearer edge, ``LIMIT 1 OFFSET`` the rest: it
+  visits the table's rows of part of one band, not half the table. Within one hour it walks the
+  metric's hourly index (``idx_requests_hour_latency``, ...): part of one band of that hour.
 """
 
 from __future__ import annotations
@@ -34,24 +33,13 @@ def by_sorting(conn: sqlite3.Connection, m: Metric, where: Where) -> list[Any]:
     return [values[k] for k in percentile_ranks(len(values), m.percentiles)] if values else [None] * len(m.percentiles)
 
 
-def in_hour(conn: sqlite3.Connection, m: Metric, hour: str, where: Where, n: int) -> list[Any]:
-    """Walk one hour (``'2026-05-01T13'``) of the metric's hourly index; ``n`` values match."""
-    cond, params = where
-    out = []
-    for k in percentile_ranks(n, m.percentiles):
-        up = k <= n - 1 - k
-        sql = (
-            f"SELECT {m.column} FROM requests INDEXED BY {m.hour_index} WHERE substr(timestamp, 1, 13) = ? "
-            f"AND {m.ok} AND {cond} ORDER BY {m.column} {'ASC' if up else 'DESC'} LIMIT 1 OFFSET ?"
-        )
-        out.append(_first(conn, sql, [hour, *params, k if up else n - 1 - k]))
-    return out
-
-
-def in_bands(conn: sqlite3.Connection, m: Metric, where: Where, bands: Mapping[int, int]) -> list[Any]:
+def in_bands(conn: sqlite3.Connection, m: Metric, where: Where, bands: Mapping[int, int],
+             hour: str | None = None) -> list[Any]:
     """Walk from the edge of the band holding each rank; ``bands`` maps a band's lower edge to how many
-    of the set's values it holds (they must add up to the set exactly)."""
+    of the set's values it holds (they must add up to the set exactly). Given an ``hour``
+    (``'2026-05-01T13'``) that holds the whole set, the walk stays in that hour's part of the index."""
     cond, params = where
+    index, within = (m.hour_index, "substr(timestamp, 1, 13) = ? AND ") if hour else (m.index, "")
     edges = [*sorted(lo for lo, count in bands.items() if count), math.inf]
     out = []
     i, below = 0, 0  # the band edges[i], and how many of the set's values lie below it
@@ -65,10 +53,10 @@ def in_bands(conn: sqlite3.Connection, m: Metric, where: Where, bands: Mapping[i
         else:
             bound, op, order, offset = edges[i + 1], "<", "DESC", below + inside - 1 - k
         sql = (
-            f"SELECT {m.column} FROM requests INDEXED BY {m.index} WHERE {m.ok} AND {m.column} {op} ? "
+            f"SELECT {m.column} FROM requests INDEXED BY {index} WHERE {within}{m.ok} AND {m.column} {op} ? "
             f"AND {cond} ORDER BY {m.column} {order} LIMIT 1 OFFSET ?"
         )
-        out.append(_first(conn, sql, [bound, *params, offset]))
+        out.append(_first(conn, sql, [*([hour] if hour else []), bound, *params, offset]))
     return out
 
 

@@ -112,7 +112,10 @@ def _hour_floor(dt: datetime) -> datetime:
 # hourly tables (the bands of each hour, which the groups add up: Totals.add_band; see _band_passes), and
 # from the rows.
 _SUMS_OF_HOURS = "SELECT {key}, {sums} FROM requests_hourly WHERE {cond} GROUP BY 1"
-_BANDS_OF_HOURS = "SELECT {key}, band, SUM(n) FROM {table} WHERE {cond} GROUP BY {band_group}"
+# The inner GROUP BY follows the table's order (hour, band, names: no sort); the outer one adds the hours
+# up in C, so Python sees a row per group and band, not one per hour as well.
+_BANDS_OF_HOURS = ("SELECT k, band, SUM(n) FROM (SELECT {key} AS k, band, SUM(n) AS n FROM {table} WHERE {cond} "
+                   "GROUP BY {band_group}) GROUP BY 1, 2")
 _SUMS_OF_ROWS = "SELECT {key}, {sums} FROM {source} WHERE {cond} GROUP BY 1"
 _BANDS_OF_ROWS = "SELECT {key}, {band}, COUNT(*) FROM {source} WHERE {cond} AND {ok} GROUP BY 1, 2"
 
@@ -202,11 +205,10 @@ def _percentiles(conn: sqlite3.Connection, m: Metric, where: Where, t: Totals, t
 
 def _bucket_percentiles(conn: sqlite3.Connection, m: Metric, f: Filters, group_by: str, t: Totals,
                         table_rows: int) -> list[Any]:
-    """A group's percentiles; an hour walks its own rows in the metric's hourly index."""
+    """A group's percentiles; an hour walks its own rows in the metric's hourly index, from its bands."""
     where = _group_where(f, group_by, t.label)
-    n = t.measured(m.name)
-    if group_by == "hour" and n > 0:
-        return percentiles.in_hour(conn, m, t.label, where, n)
+    if group_by == "hour" and t.measured(m.name) > 0:
+        return percentiles.in_bands(conn, m, where, t.bands[m.name], hour=t.label)
     return _percentiles(conn, m, where, t, table_rows)
 
 
