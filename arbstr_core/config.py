@@ -403,4 +403,4 @@ def _policies(raw: Any, path: str) -> PoliciesConfig:
         if any(x.name == r["name"] for x in rules):
             raise ConfigError(f"{path}: policy rule '{r['name']}' is defined twice; rule names must be unique")
         rules.append(PolicyRule(**_checked(PolicyRule, r, path, f"policy rule '{r['name']}'")))
-    return PoliciesConfig(default_strategy=values["default_strategy"], rules=tuple(rules))
+    return PoliciesConfig(**{**values, "rules": tuple(rules)})

@@ -455,11 +455,31 @@ def test_zero_retries_and_zero_backoff_are_valid() -> None:
     assert (cfg.retry.max_retries, cfg.retry.backoff_base_ms, cfg.retry.fallback) == (0, 0, False)
 
 
-@pytest.mark.parametrize("strategy", ["cheapest", "lowest_latency", "round_robin"])
+@pytest.mark.parametrize("strategy", ["cheapest", "lowest_latency", "round_robin", "fastest_first_token",
+                                      "performance"])
 def test_known_strategies(strategy: str) -> None:
     cfg = build(raw(policies={"default_strategy": strategy, "rules": [{"name": "r", "strategy": strategy}]}))
     assert cfg.policies.default_strategy == strategy
     assert cfg.policies.rules[0].strategy == strategy
+
+
+def test_measurement_window_exploration_and_debug_keys_are_read() -> None:
+    cfg = build(raw(policies={"window_minutes": 2.5, "explore_share": 0, "rules": []},
+                    debug={"enabled": True, "capture": "header", "retention_days": 1, "max_bytes": 4096}))
+    assert (cfg.policies.window_minutes, cfg.policies.explore_share) == (2.5, 0)
+    assert (cfg.debug.enabled, cfg.debug.capture, cfg.debug.retention_days, cfg.debug.max_bytes) == (
+        True, "header", 1, 4096)
+
+
+@pytest.mark.parametrize(("table", "values", "fragment"), [
+    ("policies", {"explore_share": 1.5}, "explore_share"),
+    ("policies", {"window_minutes": 0}, "window_minutes"),
+    ("debug", {"capture": "sometimes"}, "capture"),
+    ("debug", {"max_bytes": 0}, "max_bytes"),
+])
+def test_bad_measurement_and_debug_values_are_refused(table: str, values: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        build(raw(**{table: values}))
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,9 @@ as the policy header, as a request id and in query strings.
 
 Searched: every response body and header, the gunicorn process' stdout/stderr at debug level
 (arbstr's ``[logging] level = "debug"`` and gunicorn's ``--log-level debug``), the database files
-(``-wal`` and ``-shm`` while running, the file after shutdown), and the output of every CLI command,
-including bad configs. A leak is the whole key or any 12 consecutive characters of it; the masked
+(``-wal`` and ``-shm`` while running, the file after shutdown) with debug capture on, so every prompt,
+upstream request and answer above is stored in ``debug_captures`` too, the captures as
+``/v1/requests/<id>/debug`` shows them, and the output of every CLI command, including bad configs. A leak is the whole key or any 12 consecutive characters of it; the masked
 form of SPEC §1.1 (first 6 characters, ``...***``) is allowed and must be seen.
 """
 
@@ -21,6 +22,8 @@ import base64
 import json
 import secrets
 import shutil
+import sqlite3
+import time
 from pathlib import Path
 
 import requests
@@ -87,6 +90,16 @@ def echo_stream_success(ex: Exchange) -> None:
     SSE(stream_chunks(ex.request.model, pieces=["debug: ", echoed(ex)]), eol=b"\r\n").run(ex)
 
 
+def captured_debug(server: ArbstrServer, request_id: str, auth: dict[str, str]) -> requests.Response:
+    """The request's capture, once written: a stream's is queued when the stream ends, just after its last
+    byte left, and the log writer is asynchronous."""
+    deadline = time.monotonic() + 10
+    while (r := server.get(f"/v1/requests/{request_id}/debug", headers=auth)).status_code != 200:
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.05)
+    return r
+
+
 def test_no_secret_in_any_byte_of_a_full_session(fake_upstream, gunicorn_server, tmp_path: Path) -> None:
     alpha, beta, gamma, delta = fake_upstream(4)
     config = write_config(
@@ -96,7 +109,7 @@ def test_no_secret_in_any_byte_of_a_full_session(fake_upstream, gunicorn_server,
          provider(gamma, "gamma", output_rate=3),
          provider(delta, "delta", output_rate=4, api_key="${DELTA_OPENAI_KEY}")],
         server={"auth_token": "${ARBSTR_AUTH_TOKEN}", "max_body_bytes": 65536},
-        logging={"level": "debug"}, retry={"max_retries": 0, "backoff_base_ms": 0},
+        logging={"level": "debug"}, retry={"max_retries": 0, "backoff_base_ms": 0}, debug={"enabled": True},
         circuit_breaker={"failure_threshold": 100}, rules=[{"name": "coding", "keywords": ["code"]}],
     )
     server = gunicorn_server(config, env=ENV, args=["--log-level", "debug", "--access-logfile", "-"])
@@ -164,6 +177,7 @@ def test_no_secret_in_any_byte_of_a_full_session(fake_upstream, gunicorn_server,
         assert chat(headers={"X-Arbstr-Policy": key}).status_code == 400
         assert record(server.post("/v1/cost", json={"model": key, "messages": MSG}, headers=auth)).status_code == 404
         assert record(server.get(f"/v1/requests/{key}", headers=auth)).status_code == 404
+        assert record(server.get(f"/v1/requests/{key}/debug", headers=auth)).status_code == 404
         for q in ({"range": key}, {"model": key}, {"since": key}, {"group_by": key}, {"sort": key}):
             record(server.get("/v1/stats", params=q, headers=auth))
             record(server.get("/v1/requests", params=q, headers=auth))
@@ -180,7 +194,7 @@ def test_no_secret_in_any_byte_of_a_full_session(fake_upstream, gunicorn_server,
                 {"Authorization": TOKEN}):
         r = record(server.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": MSG}, headers=bad))
         assert r.status_code == 401
-        for path in ("/v1/models", "/providers", "/v1/stats", "/v1/requests"):
+        for path in ("/v1/models", "/providers", "/v1/stats", "/v1/requests", f"/v1/requests/{ids[0]}/debug"):
             assert record(server.get(path, headers=bad)).status_code == 401
     # Every route, authorised.
     for path in ("/v1/models", "/providers", "/health", "/v1/stats", "/v1/stats?group_by=provider",
@@ -199,6 +213,11 @@ def test_no_secret_in_any_byte_of_a_full_session(fake_upstream, gunicorn_server,
         "delta": "env-expanded"}
     for rid in ids:
         assert record(server.get(f"/v1/requests/{rid}", headers=auth)).status_code == 200
+    # Every chat request was captured; the captures show the keys masked, and what quoted them redacted.
+    captured = [record(captured_debug(server, rid, auth)) for rid in ids]
+    assert all(b"cashuA...***" in r.content for r in captured) and b"[REDACTED]" in captured[-1].content
+    with sqlite3.connect(tmp_path / "arbstr.db") as conn:  # failures and careless clients too
+        assert conn.execute("SELECT COUNT(*) FROM debug_captures").fetchone()[0] >= 15
 
     # Upstream side: each provider got exactly its own key, none got the client's token.
     for fake, name in ((alpha, "alpha"), (beta, "beta"), (gamma, "gamma"), (delta, "delta")):

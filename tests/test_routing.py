@@ -11,8 +11,8 @@ from arbstr_core.config import PolicyRule, Provider
 from arbstr_core.errors import ArbstrError
 from arbstr_core.request.breaker import BreakerRegistry
 from arbstr_core.request.failures import FAILURE
-from arbstr_core.request.perf import PerfWindow
-from arbstr_core.request.routing import match_policy, price_key, select_candidates
+from arbstr_core.request.perf import MAX_SAMPLES, PerfWindow, Recent
+from arbstr_core.request.routing import match_policy, performance_score, price_key, select_candidates
 
 
 def provider(name: str, output_rate: float, base_fee: float = 0, models: Sequence[str] = ("gpt-4o",),
@@ -224,33 +224,6 @@ def test_round_robin_rotates_after_model_and_policy_filtering() -> None:
     assert select("gpt-4o-mini", ALL, rule, rotation=2) == ["gamma", "alpha"]
 
 
-def test_lowest_latency_orders_by_median_then_unsampled_in_cheapest_order() -> None:
-    providers = [provider(n, output_rate=r) for n, r in (("a", 1), ("b", 2), ("c", 3), ("d", 4), ("e", 5))]
-    medians = {"c": 120.0, "e": 80.0, "b": 300.0}
-    order = select("gpt-4o", providers, strategy="lowest_latency", median_latency=medians.get)
-    assert order == ["e", "c", "b", "a", "d"]
-
-
-def test_lowest_latency_ties_keep_cheapest_order() -> None:
-    providers = [provider(n, output_rate=r) for n, r in (("a", 3), ("b", 1), ("c", 2))]
-    order = select("gpt-4o", providers, strategy="lowest_latency", median_latency=lambda name: 100.0)
-    assert order == ["b", "c", "a"]
-
-
-def test_lowest_latency_without_any_samples_is_cheapest() -> None:
-    assert select("gpt-4o", ALL, strategy="lowest_latency") == cheapest_names(ALL, "gpt-4o")
-
-
-def test_lowest_latency_uses_the_median_of_the_window() -> None:
-    window = LatencyWindow()
-    for ms in (10, 10, 10, 5000, 5000):  # median 10: one slow request does not demote it
-        window.add("alpha", ms)
-    for ms in (50, 50, 50):
-        window.add("gamma", ms)
-    order = select("gpt-4o", ALL, strategy="lowest_latency", median_latency=window.median)
-    assert order == ["alpha", "gamma", "beta"]
-
-
 def test_open_circuits_are_dropped_and_order_is_kept() -> None:
     closed = {"gamma", "alpha"}
     assert select("gpt-4o", ALL, is_available=lambda n: n in closed) == ["gamma", "alpha"]
@@ -277,36 +250,297 @@ def test_with_a_real_breaker_registry() -> None:
     assert select("gpt-4o", ALL, is_available=breakers.is_available) == ["beta", "alpha"]
 
 
-# --- latency window ---------------------------------------------------------------------------
+# --- strategies by measured speed ------------------------------------------------------------------
+# Every test feeds a real PerfWindow on an injected clock (seconds): samples are placed in time, never
+# slept for. gpt-4o's cheapest order is gamma (10), beta (25), alpha (31).
+
+WINDOW_MINUTES = 15
 
 
-def test_latency_window_median_and_bound() -> None:
-    window = LatencyWindow(size=5)
-    assert window.median("p") is None
-    for ms in (100, 1, 2, 3, 4, 5):  # 100 falls out of the window of 5
-        window.add("p", ms)
-    assert window.median("p") == 3
-    window.add("p", 6)
-    assert window.median("p") == 4  # window 2..6
-    assert window.median("other") is None
+class Clock:
+    def __init__(self, now: float = 10_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
-def test_latency_window_even_count_median() -> None:
-    window = LatencyWindow()
-    for ms in (10, 20, 30, 40):
-        window.add("p", ms)
-    assert window.median("p") == 25
+def window(clock: Clock, max_samples: int = 1000) -> PerfWindow:
+    return PerfWindow(WINDOW_MINUTES, clock=clock, max_samples=max_samples)
 
 
-def test_latency_window_default_size_is_50() -> None:
-    window = LatencyWindow()
-    for ms in range(1000, 1050):  # 50 slow samples
-        window.add("p", ms)
-    for _ in range(50):  # then 50 fast ones replace them entirely
-        window.add("p", 1)
-    assert window.median("p") == 1
-    window2 = LatencyWindow()
-    for ms in [1] * 26 + [1000] * 24:
-        window2.add("p", ms)
-    window2.add("p", 1000)  # 51st sample pushes out one 1: 25 × 1 and 25 × 1000
-    assert window2.median("p") == (1 + 1000) / 2
+def stream(perf: PerfWindow, name: str, ttft_ms: float, tokens_per_sec: float | None = 50.0, times: int = 1) -> None:
+    for _ in range(times):
+        perf.add(name, latency_ms=ttft_ms + 500, ttft_ms=ttft_ms, tokens_per_sec=tokens_per_sec)
+
+
+def answer(perf: PerfWindow, name: str, latency_ms: float, tokens_per_sec: float | None = 50.0) -> None:
+    """A non-streaming answer: a latency and a throughput, no TTFT."""
+    perf.add(name, latency_ms=latency_ms, ttft_ms=None, tokens_per_sec=tokens_per_sec)
+
+
+SPEED = ("fastest_first_token", "performance")
+
+
+@pytest.mark.parametrize("strategy", SPEED)
+def test_cold_start_without_measurements_is_cheapest(strategy: str) -> None:
+    perf = window(Clock())
+    assert select("gpt-4o", ALL, strategy=strategy, recent=perf.recent) == ["gamma", "beta", "alpha"]
+
+
+@pytest.mark.parametrize("strategy", SPEED)
+def test_cold_start_tries_unmeasured_providers_first_in_cheapest_order(strategy: str) -> None:
+    providers = [provider(n, output_rate=r) for n, r in (("a", 1), ("b", 2), ("c", 3), ("d", 4), ("e", 5))]
+    perf = window(Clock())
+    stream(perf, "b", ttft_ms=100)  # b and d are measured and fast; a, c, e have never been tried
+    stream(perf, "d", ttft_ms=200)
+    assert select("gpt-4o", providers, strategy=strategy, recent=perf.recent) == ["a", "c", "e", "b", "d"]
+
+
+def test_fastest_first_token_orders_by_median_ttft() -> None:
+    perf = window(Clock())
+    stream(perf, "gamma", ttft_ms=900, times=3)
+    for ttft in (100, 120, 5000):  # p50 120: one slow first token does not demote it
+        stream(perf, "alpha", ttft_ms=ttft)
+    for ttft in (300, 300, 10, 10, 300):  # p50 300, though its best is the best of all
+        stream(perf, "beta", ttft_ms=ttft)
+    assert perf.recent("alpha").ttft_ms == 120 and perf.recent("beta").ttft_ms == 300  # type: ignore[union-attr]
+    assert select("gpt-4o", ALL, strategy="fastest_first_token", recent=perf.recent) == ["alpha", "beta", "gamma"]
+
+
+def test_fastest_first_token_ties_keep_cheapest_order() -> None:
+    perf = window(Clock())
+    for name in ("alpha", "beta", "gamma"):
+        stream(perf, name, ttft_ms=250)
+    assert select("gpt-4o", ALL, strategy="fastest_first_token", recent=perf.recent) == ["gamma", "beta", "alpha"]
+
+
+def test_fastest_first_token_needs_a_stream_to_measure_a_provider() -> None:
+    # beta only answered non-streaming requests: its latency is a whole answer, not a first token, so it
+    # is unmeasured and tried first (its next stream measures it).
+    perf = window(Clock())
+    stream(perf, "alpha", ttft_ms=400)
+    stream(perf, "gamma", ttft_ms=200)
+    answer(perf, "beta", latency_ms=50)
+    assert select("gpt-4o", ALL, strategy="fastest_first_token", recent=perf.recent) == ["beta", "gamma", "alpha"]
+    stream(perf, "beta", ttft_ms=300)
+    assert select("gpt-4o", ALL, strategy="fastest_first_token", recent=perf.recent) == ["gamma", "beta", "alpha"]
+
+
+def expected_score(p: Provider, tokens_per_sec: float, ttft_ms: float) -> float:
+    """The composite written out independently: tokens/s ÷ (TTFT s × sats per 1k output, fee included)."""
+    return tokens_per_sec / ((ttft_ms / 1000) * (p.output_rate + p.base_fee))
+
+
+def test_performance_orders_by_the_composite_score() -> None:
+    figures = {"gamma": (40.0, 800.0), "beta": (120.0, 600.0), "alpha": (200.0, 250.0)}  # tokens/s, TTFT ms
+    perf = window(Clock())
+    for name, (tps, ttft) in figures.items():
+        stream(perf, name, ttft_ms=ttft, tokens_per_sec=tps, times=3)
+    by_name = {p.name: p for p in ALL}
+    scores = {n: expected_score(by_name[n], *f) for n, f in figures.items()}
+    # gamma 40/(0.8×10) = 5, beta 120/(0.6×25) = 8, alpha 200/(0.25×31) ≈ 25.8
+    assert scores == pytest.approx({"gamma": 5.0, "beta": 8.0, "alpha": 200 / 7.75})
+    for name in figures:
+        assert performance_score(by_name[name], perf.recent(name)) == pytest.approx(scores[name])  # type: ignore[arg-type]
+    expected = sorted(figures, key=lambda n: -scores[n])
+    assert select("gpt-4o", ALL, strategy="performance", recent=perf.recent) == expected == ["alpha", "beta", "gamma"]
+
+
+def test_performance_uses_the_medians() -> None:
+    perf = window(Clock())
+    for tps, ttft in ((100, 200), (10, 9000), (100, 200)):  # one bad stream: medians 100 tokens/s, 200 ms
+        stream(perf, "alpha", ttft_ms=ttft, tokens_per_sec=tps)
+    assert performance_score(ALPHA, perf.recent("alpha")) == pytest.approx(expected_score(ALPHA, 100, 200))  # type: ignore[arg-type]
+
+
+def test_performance_of_a_free_provider_and_a_zero_ttft_is_finite() -> None:
+    free = provider("free", output_rate=0)
+    paid = provider("paid", output_rate=1)
+    perf = window(Clock())
+    stream(perf, "free", ttft_ms=2000, tokens_per_sec=10)
+    stream(perf, "paid", ttft_ms=0, tokens_per_sec=10)
+    # free: 1 msat per 1k instead of 0; paid: 1 ms instead of 0 ms.
+    assert performance_score(free, perf.recent("free")) == pytest.approx(10 / (2.0 * 0.001))  # type: ignore[arg-type]
+    assert performance_score(paid, perf.recent("paid")) == pytest.approx(10 / (0.001 * 1))  # type: ignore[arg-type]
+    assert select("gpt-4o", [paid, free], strategy="performance", recent=perf.recent) == ["paid", "free"]
+
+
+def test_performance_without_throughput_ranks_after_scored_providers_by_ttft() -> None:
+    # Streams that report no usage give a TTFT but no tokens/s: alpha and beta rank after gamma (scored,
+    # although its TTFT is the worst), between them by TTFT.
+    perf = window(Clock())
+    stream(perf, "gamma", ttft_ms=3000, tokens_per_sec=5)
+    stream(perf, "beta", ttft_ms=500, tokens_per_sec=None)
+    stream(perf, "alpha", ttft_ms=100, tokens_per_sec=None)
+    assert performance_score(ALPHA, perf.recent("alpha")) is None  # type: ignore[arg-type]
+    assert select("gpt-4o", ALL, strategy="performance", recent=perf.recent) == ["gamma", "alpha", "beta"]
+
+
+def test_performance_without_ttft_is_unmeasured() -> None:
+    perf = window(Clock())
+    stream(perf, "gamma", ttft_ms=100, tokens_per_sec=100)
+    stream(perf, "beta", ttft_ms=100, tokens_per_sec=100)
+    answer(perf, "alpha", latency_ms=10, tokens_per_sec=1000)  # non-streaming only: no TTFT
+    assert select("gpt-4o", ALL, strategy="performance", recent=perf.recent) == ["alpha", "gamma", "beta"]
+
+
+def measured_at(perf: PerfWindow, clock: Clock, order: Sequence[tuple[str, float]]) -> None:
+    """One stream per provider, a minute apart, in the order given: the first is the least recent."""
+    for name, ttft in order:
+        stream(perf, name, ttft_ms=ttft)
+        clock.advance(60)
+
+
+@pytest.mark.parametrize("strategy", SPEED)
+def test_exploration_puts_the_least_recently_measured_first(strategy: str) -> None:
+    clock = Clock()
+    perf = window(clock)
+    measured_at(perf, clock, [("beta", 900), ("alpha", 100), ("gamma", 500)])  # beta measured longest ago
+    usual = select("gpt-4o", ALL, strategy=strategy, recent=perf.recent, explore=0.9, explore_share=0.05)
+    assert usual == ["alpha", "gamma", "beta"]
+    explored = select("gpt-4o", ALL, strategy=strategy, recent=perf.recent, explore=0.049, explore_share=0.05)
+    assert explored == ["beta", "alpha", "gamma"]  # the rest keep their order
+
+
+@pytest.mark.parametrize(("draw", "share"), [(0.05, 0.05), (0.5, 0.05), (0.999, 0.05), (0.0, 0.0)])
+def test_no_exploration_at_or_above_the_share(draw: float, share: float) -> None:
+    clock = Clock()
+    perf = window(clock)
+    measured_at(perf, clock, [("beta", 900), ("alpha", 100), ("gamma", 500)])
+    order = select("gpt-4o", ALL, strategy="fastest_first_token", recent=perf.recent, explore=draw,
+                   explore_share=share)
+    assert order == ["alpha", "gamma", "beta"]
+
+
+def test_exploration_with_an_unmeasured_provider_changes_nothing() -> None:
+    # Never measured is the least recently measured: cold start already puts it first.
+    clock = Clock()
+    perf = window(clock)
+    measured_at(perf, clock, [("beta", 900), ("alpha", 100)])
+    order = select("gpt-4o", ALL, strategy="fastest_first_token", recent=perf.recent, explore=0.0, explore_share=1)
+    assert order == ["gamma", "alpha", "beta"]
+
+
+def test_explored_provider_with_an_open_circuit_is_dropped() -> None:
+    clock = Clock()
+    perf = window(clock)
+    measured_at(perf, clock, [("beta", 900), ("alpha", 100), ("gamma", 500)])
+    order = select("gpt-4o", ALL, strategy="fastest_first_token", recent=perf.recent, explore=0.0,
+                   explore_share=0.05, is_available=lambda n: n != "beta")
+    assert order == ["alpha", "gamma"]
+
+
+def test_slow_provider_recovers_once_its_samples_age_out() -> None:
+    clock = Clock()
+    perf = window(clock)
+    stream(perf, "gamma", ttft_ms=4000, times=5)  # gamma is slow now
+    clock.advance(5 * 60)
+    stream(perf, "beta", ttft_ms=300)
+    stream(perf, "alpha", ttft_ms=400)
+    assert select("gpt-4o", ALL, strategy="fastest_first_token", recent=perf.recent) == ["beta", "alpha", "gamma"]
+
+    clock.advance(WINDOW_MINUTES * 60 - 5 * 60 + 1)  # gamma's samples are 15 min + 1 s old, the others' 10 min
+    assert perf.recent("gamma") is None and perf.recent("beta") is not None
+    assert select("gpt-4o", ALL, strategy="fastest_first_token", recent=perf.recent) == ["gamma", "beta", "alpha"]
+
+    stream(perf, "gamma", ttft_ms=150)  # tried again, and it recovered: now it leads on merit
+    assert select("gpt-4o", ALL, strategy="fastest_first_token", recent=perf.recent) == ["gamma", "beta", "alpha"]
+    stream(perf, "beta", ttft_ms=100, times=3)
+    assert select("gpt-4o", ALL, strategy="fastest_first_token", recent=perf.recent) == ["beta", "gamma", "alpha"]
+
+
+# lowest_latency: the same window, its median latency; unmeasured providers after the measured (SPEC §2.2).
+
+
+def test_lowest_latency_orders_by_median_then_unsampled_in_cheapest_order() -> None:
+    providers = [provider(n, output_rate=r) for n, r in (("a", 1), ("b", 2), ("c", 3), ("d", 4), ("e", 5))]
+    perf = window(Clock())
+    answer(perf, "c", latency_ms=120)
+    perf.add("e", latency_ms=80, ttft_ms=30, tokens_per_sec=None)  # streams count by their whole duration
+    answer(perf, "b", latency_ms=300)
+    assert select("gpt-4o", providers, strategy="lowest_latency", recent=perf.recent) == ["e", "c", "b", "a", "d"]
+
+
+def test_lowest_latency_ties_keep_cheapest_order() -> None:
+    providers = [provider(n, output_rate=r) for n, r in (("a", 3), ("b", 1), ("c", 2))]
+    perf = window(Clock())
+    for name in ("a", "b", "c"):
+        answer(perf, name, latency_ms=100)
+    assert select("gpt-4o", providers, strategy="lowest_latency", recent=perf.recent) == ["b", "c", "a"]
+
+
+def test_lowest_latency_without_any_samples_is_cheapest() -> None:
+    assert select("gpt-4o", ALL, strategy="lowest_latency") == cheapest_names(ALL, "gpt-4o")
+
+
+def test_lowest_latency_uses_the_median_of_the_window_and_does_not_explore() -> None:
+    clock = Clock()
+    perf = window(clock)
+    for ms in (10, 10, 10, 5000, 5000):  # median 10: one slow request does not demote it
+        answer(perf, "alpha", latency_ms=ms)
+    clock.advance(60)
+    for ms in (50, 50, 50):
+        answer(perf, "gamma", latency_ms=ms)
+    order = select("gpt-4o", ALL, strategy="lowest_latency", recent=perf.recent, explore=0.0, explore_share=1)
+    assert order == ["alpha", "gamma", "beta"]
+
+
+# --- the window ----------------------------------------------------------------------------------
+
+
+def test_window_medians_of_each_figure() -> None:
+    clock = Clock()
+    perf = window(clock)
+    assert perf.recent("p") is None
+    perf.add("p", latency_ms=100, ttft_ms=None, tokens_per_sec=None)
+    clock.advance(1)
+    perf.add("p", latency_ms=300, ttft_ms=40, tokens_per_sec=10)
+    clock.advance(1)
+    perf.add("p", latency_ms=200, ttft_ms=20, tokens_per_sec=None)
+    clock.advance(1)
+    perf.add("p", latency_ms=400, ttft_ms=30, tokens_per_sec=30)
+    clock.advance(1)  # last_at is the newest sample's time, not now
+    # latency over all four (even count: mean of the middle two); the others over the samples that have them.
+    assert perf.recent("p") == Recent(samples=4, latency_ms=250, ttft_ms=30, tokens_per_sec=20, last_at=clock.now - 1)
+    assert perf.recent("other") is None
+
+
+def test_window_forgets_samples_older_than_its_minutes() -> None:
+    clock = Clock()
+    perf = window(clock)
+    answer(perf, "p", latency_ms=5000)
+    clock.advance(60)
+    answer(perf, "p", latency_ms=100)
+    clock.advance(WINDOW_MINUTES * 60 - 60)  # the first sample is exactly window old: still in
+    assert perf.recent("p").samples == 2  # type: ignore[union-attr]
+    clock.advance(0.5)
+    recent = perf.recent("p")
+    assert recent is not None and recent.samples == 1 and recent.latency_ms == 100
+    assert recent.last_at == clock.now - (WINDOW_MINUTES * 60 - 60 + 0.5)
+    clock.advance(60)
+    assert perf.recent("p") is None
+    answer(perf, "p", latency_ms=7)  # a provider that comes back starts afresh
+    assert perf.recent("p") == Recent(samples=1, latency_ms=7, ttft_ms=None, tokens_per_sec=50, last_at=clock.now)
+
+
+def test_window_keeps_at_most_max_samples_per_provider() -> None:
+    clock = Clock()
+    perf = window(clock, max_samples=5)
+    for ms in (1000, 1, 2, 3, 4, 5):  # 1000 is pushed out by the sixth sample
+        answer(perf, "p", latency_ms=ms)
+        clock.advance(1)
+    recent = perf.recent("p")
+    assert recent is not None and recent.samples == 5 and recent.latency_ms == 3
+    answer(perf, "q", latency_ms=9)  # the bound is per provider
+    assert perf.recent("q").samples == 1 and perf.recent("p").samples == 5  # type: ignore[union-attr]
+
+
+def test_window_default_bound() -> None:
+    perf = window(Clock())
+    for _ in range(MAX_SAMPLES + 10):
+        answer(perf, "p", latency_ms=1)
+    assert perf.recent("p").samples == MAX_SAMPLES  # type: ignore[union-attr]

@@ -15,6 +15,11 @@ Streams are inserted as ``streaming`` and updated when they end. Each LogStore r
 ``writers`` table and refreshes a heartbeat; ``streaming`` rows whose writer is gone (a previous
 process, a killed worker) become ``interrupted`` at start and on every heartbeat, so workers sharing
 one database never touch each other's live streams. The SQL itself lives in :mod:`.db`.
+
+Debug captures (``capture``) travel the same queue and are written by the same thread into their own
+table (:mod:`.captures`). Retention runs once at start and then daily, in chunks: rows older than
+``retention_days`` (when set), captures older than ``capture_retention_days``, whether or not capture is
+on now.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from datetime import datetime
 from typing import Any
 
 from ..timefmt import format_utc, utc_timestamp
+from . import captures as logcaptures
 from . import db as logdb
 
 log = logging.getLogger("arbstr.logstore")
@@ -46,6 +52,7 @@ RETENTION_EVERY_SECS = 86400.0
 RETENTION_CHUNK = 5000        # rows deleted per transaction, so a big purge never starves the queue
 DROP_WINDOW_SECS = 600.0      # drops this recent make the store (and /health) degraded
 
+CAPTURE = "capture"  # the queued operation that stores a debug capture (the others: "insert", "update")
 _WAKE = object()  # queue marker that only wakes the writer (close); a threading.Event marker is a flush
 
 
@@ -59,6 +66,7 @@ class LogStore:
         retention_days: float = 0,
         enabled: bool = True,
         *,
+        capture_retention_days: float = 0,
         clock: Callable[[], float] = time.time,
         connect: Callable[[str], sqlite3.Connection] = logdb.default_connect,
         batch_size: int = BATCH_SIZE,
@@ -67,6 +75,7 @@ class LogStore:
     ) -> None:
         self.path = str(path)
         self.retention_days = retention_days
+        self.capture_retention_days = capture_retention_days  # 0: captures are kept
         self.enabled = enabled
         self._clock = clock
         self._connect = connect
@@ -128,6 +137,12 @@ class LogStore:
         if not self.enabled:
             return
         self._put(("update", request_id, dict(fields)))
+
+    def capture(self, row: Mapping[str, Any]) -> None:
+        """Queue a debug capture (keys: :data:`.captures.COLUMNS`), already scrubbed and cut to size."""
+        if not self.enabled:
+            return
+        self._put((CAPTURE, dict(row)))
 
     def _put(self, op: Any) -> None:
         if self._closed:
@@ -218,7 +233,7 @@ class LogStore:
             if conn is not None and not stopping:
                 conn, due_beat, due_purge = self._housekeeping(conn, due_beat, due_purge)
             if not pending:
-                due = min(due_beat, due_purge) if self.retention_days > 0 else due_beat
+                due = min(due_beat, due_purge) if self._retains() else due_beat
                 wait = self._retry_secs if conn is None else due - time.monotonic()
                 try:
                     op = self._queue.get(timeout=wait) if wait > 0 and not stopping else self._queue.get_nowait()
@@ -296,14 +311,26 @@ class LogStore:
             if now >= due_beat:
                 logdb.heartbeat(conn, self._token, self._clock(), STALE_SECS)
                 due_beat = now + HEARTBEAT_SECS
-            if self.retention_days > 0 and now >= due_purge:
-                before = self._clock() - self.retention_days * 86400
-                more = logdb.purge(conn, before, RETENTION_CHUNK) >= RETENTION_CHUNK
+            if self._retains() and now >= due_purge:
+                more = self._purge(conn, self._clock())
                 due_purge = now if more else now + RETENTION_EVERY_SECS
         except sqlite3.Error as e:
             self._failed(conn, e)
             return None, due_beat, due_purge
         return conn, due_beat, due_purge
+
+    def _retains(self) -> bool:
+        return self.retention_days > 0 or self.capture_retention_days > 0
+
+    def _purge(self, conn: sqlite3.Connection, now: float) -> bool:
+        """One chunk of each retention that applies; True while either has more to delete."""
+        more = False
+        if self.retention_days > 0:
+            more = logdb.purge(conn, now - self.retention_days * 86400, RETENTION_CHUNK) >= RETENTION_CHUNK
+        if self.capture_retention_days > 0:
+            before = now - self.capture_retention_days * 86400
+            more = logcaptures.purge(conn, before, RETENTION_CHUNK) >= RETENTION_CHUNK or more
+        return more
 
     def _open(self) -> sqlite3.Connection | None:
         try:
@@ -337,14 +364,15 @@ class LogStore:
                 pass
 
     def _commit(self, conn: sqlite3.Connection, ops: list[Any]) -> None:
-        """Write ``ops`` in one transaction; on a bad row fall back to one transaction per operation.
+        """Write ``ops`` (the rows in one transaction, see :func:`_write`); on a bad row fall back to one
+        transaction per operation.
 
         On a database error ``ops`` keeps exactly what is still unwritten, so the retry writes no row twice.
         """
         data = [op for op in ops if isinstance(op, tuple)]
         if data:
             try:
-                logdb.write(conn, data, self._token)
+                _write(conn, data, self._token)
             except logdb.ROW_ERRORS:
                 self._one_by_one(conn, ops)
             else:
@@ -359,11 +387,11 @@ class LogStore:
             op = ops[0]
             if isinstance(op, tuple):
                 try:
-                    logdb.write(conn, [op], self._token)
+                    _write(conn, [op], self._token)
                     with self._lock:
                         self._written += op[0] == "insert"
                 except logdb.ROW_ERRORS as e:
-                    key = op[1].get("request_id") if op[0] == "insert" else op[1]
+                    key = op[1] if op[0] == "update" else op[1].get("request_id")
                     log.error("request log: rejected %s of %s: %s", op[0], key, e)
                     with self._lock:
                         self._write_errors += 1
@@ -384,6 +412,17 @@ class LogStore:
             self._drop(lost)
         self._inflight = 0
         _release(pending)
+
+
+def _write(conn: sqlite3.Connection, ops: list[tuple], writer: str) -> None:
+    """Write queued operations: captures in a transaction of their own, first (they are replaced when
+    written again, so a batch retried after a database error may write them twice), then the rows."""
+    captures = [op[1] for op in ops if op[0] == CAPTURE]
+    if captures:
+        with logdb.transaction(conn):
+            logcaptures.insert(conn, captures)
+    if len(captures) < len(ops):
+        logdb.write(conn, [op for op in ops if op[0] != CAPTURE], writer)
 
 
 def _release(ops: list[Any]) -> None:

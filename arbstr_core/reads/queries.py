@@ -70,7 +70,7 @@ _GROUP_SQL = {
 
 
 @contextmanager
-def _reader(db_path: str) -> Iterator[sqlite3.Connection | None]:
+def reader(db_path: str) -> Iterator[sqlite3.Connection | None]:
     """A read connection holding one snapshot, or None while nothing is logged. Never creates the file."""
     if not os.path.exists(db_path):
         yield None
@@ -233,7 +233,7 @@ def stats(db_path: str, args: Mapping[str, str], now: datetime | None = None) ->
     result: dict[str, Any] = {"since": format_utc(f.since), "until": format_utc(f.until)}
     totals: dict[str, Totals] = {}
     overall = Totals()
-    with _reader(db_path) as conn:
+    with reader(db_path) as conn:
         if conn is not None:
             table_rows = conn.execute(_TABLE_ROWS).fetchone()[0]
             totals = _totals(conn, f, group_by)
@@ -299,7 +299,7 @@ def list_requests(db_path: str, args: Mapping[str, str], now: datetime | None = 
         order_by = f"{sort} {direction} NULLS LAST, {order_by}"
     offset = (page - 1) * per_page
     total, data = 0, []
-    with _reader(db_path) as conn:
+    with reader(db_path) as conn:
         if conn is not None:
             total = _count(conn, f)
             table_rows = conn.execute(_TABLE_ROWS).fetchone()[0]
@@ -335,7 +335,7 @@ def _rows_by_id(conn: sqlite3.Connection, ids: Sequence[int]) -> list[dict[str, 
 
 def get_request(db_path: str, request_id: str) -> dict[str, Any] | None:
     """One row by its request id, or None."""
-    with _reader(db_path) as conn:
+    with reader(db_path) as conn:
         if conn is None:
             return None
         r = conn.execute(f"SELECT {_ROW_COLUMNS} FROM requests WHERE request_id = ?", (request_id,)).fetchone()

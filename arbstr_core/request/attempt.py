@@ -18,6 +18,7 @@ from ..errors import ArbstrError
 from . import failures
 from .body import capped, encode
 from .cost import REPORTED_HEADER
+from .debug import Attempt, Capture
 from .failures import AttemptResult, Verdict
 from .relay import OpenStream
 from .sse import EventSplitter, event_data, parse_json
@@ -43,6 +44,7 @@ class Caller:
         max_response_bytes: int,
         max_retry_after: float,
         scrub: Callable[[str], str],
+        capture: Capture | None = None,
     ) -> None:
         self.upstream = upstream
         self.body = body  # as the client sent it (or as re-encoded for a stream)
@@ -54,9 +56,10 @@ class Caller:
         self.max_response_bytes = max_response_bytes
         self.max_retry_after = max_retry_after
         self.scrub = scrub
+        self.capture = capture  # debug capture of this request, if any
         self.cutoff = Cutoff()  # fired by the request thread when the deadline passes
 
-    def _post(self, provider: Provider, left: float | None, stream: bool) -> requests.Response:
+    def _post(self, provider: Provider, body: bytes, left: float | None, stream: bool) -> requests.Response:
         """Send to ``provider``: the read timeout is its ``timeout_secs`` (a hung provider is left for
         the next candidate) or the caller's default, capped by the time left of the deadline."""
         connect, read = self.connect_timeout, self.read_timeout
@@ -65,7 +68,7 @@ class Caller:
         if left is not None:
             connect, read = min(connect, left), min(read, left)
         return self.upstream.post(
-            provider, self._body_for(provider), self.request_id, stream=stream, connect_timeout=connect, read_timeout=read,
+            provider, body, self.request_id, stream=stream, connect_timeout=connect, read_timeout=read,
             cutoff=self.cutoff,
         )
 
@@ -82,18 +85,40 @@ class Caller:
 
         Firing :attr:`cutoff` ends it at once, wherever it is (see :class:`Cutoff`).
         """
+        return self._attempt(provider, left, self._json)
+
+    def stream(self, provider: Provider, left: float | None) -> AttemptResult:
+        """A streaming attempt, read up to its first data event; ``payload`` is an :class:`OpenStream`."""
+        return self._attempt(provider, left, self._stream)
+
+    def _attempt(self, provider: Provider, left: float | None,
+                 send: Callable[[Provider, bytes, float | None, Attempt | None], AttemptResult]) -> AttemptResult:
+        """One attempt; under debug capture also recorded: what was sent, what came back, how it ended."""
+        body = self._body_for(provider)
+        if self.capture is None:
+            return send(provider, body, left, None)
+        record = self.capture.attempt(provider.name, provider.endpoint, body)
+        result = send(provider, body, left, record)
+        record.ended(result.verdict.kind, result.status, result.message)
+        return result
+
+    def _json(self, provider: Provider, body: bytes, left: float | None, record: Attempt | None) -> AttemptResult:
         cutoff = self.cutoff
         try:
-            resp = self._post(provider, left, stream=False)
+            resp = self._post(provider, body, left, stream=False)
         except UpstreamError as e:
             return _out_of_time() if cutoff.fired else _transport_failure(e)
+        if record is not None:
+            _record_response(record, resp)
         try:
             if cutoff.fired:
                 resp.close()
                 return _out_of_time()
             if not 200 <= resp.status_code < 300:
-                return self._http_failure(resp)
-            body = read_body(resp, self.max_response_bytes)
+                return self._http_failure(resp, record)
+            answer = read_body(resp, self.max_response_bytes)
+            if record is not None:
+                record.answer = answer
             if cutoff.fired:
                 resp.close()
                 return _out_of_time()
@@ -101,20 +126,22 @@ class Caller:
         except UpstreamError as e:
             resp.close()
             return _out_of_time() if cutoff.fired else _transport_failure(e)
-        parsed = _json_object(body)
+        parsed = _json_object(answer)
         if parsed is None:
             return AttemptResult(failures.BAD_BODY, resp.status_code, "answer is not a JSON object")
         reported = resp.headers.get(REPORTED_HEADER)
-        return AttemptResult(failures.OK, resp.status_code, payload=(resp.status_code, body, parsed, reported))
+        return AttemptResult(failures.OK, resp.status_code, payload=(resp.status_code, answer, parsed, reported))
 
-    def stream(self, provider: Provider, left: float | None) -> AttemptResult:
-        """A streaming attempt, read up to its first data event; ``payload`` is an :class:`OpenStream`."""
+    def _stream(self, provider: Provider, body: bytes, left: float | None, record: Attempt | None) -> AttemptResult:
+        """Its answer's bytes are recorded by the relay (``StreamContext.tap``), from the first byte read."""
         try:
-            resp = self._post(provider, left, stream=True)
+            resp = self._post(provider, body, left, stream=True)
         except UpstreamError as e:
             return _transport_failure(e)
+        if record is not None:
+            _record_response(record, resp)
         if not 200 <= resp.status_code < 300:
-            return self._http_failure(resp)
+            return self._http_failure(resp, record)
         chunks = read_chunks(resp)
         splitter = EventSplitter()
         held: list[bytes] = []
@@ -146,7 +173,7 @@ class Caller:
             return AttemptResult(STREAM_ERROR, resp.status_code, self._message(err, rest))
         return AttemptResult(failures.BAD_BODY, resp.status_code, "stream ended before its first event")
 
-    def _http_failure(self, resp: requests.Response) -> AttemptResult:
+    def _http_failure(self, resp: requests.Response, record: Attempt | None) -> AttemptResult:
         """A non-2xx answer: classify it, and for the request's own faults shape the client's error."""
         retry_after = failures.parse_retry_after(resp.headers.get("Retry-After"))
         try:
@@ -155,6 +182,8 @@ class Caller:
         except UpstreamError:
             resp.close()
             raw = b""
+        if record is not None:
+            record.answer = raw
         parsed = _json_object(raw)
         message = self._message(parsed, raw)
         err = parsed.get("error") if parsed else None
@@ -182,6 +211,12 @@ class Caller:
         else:
             text = raw[:500].decode("utf-8", "replace").strip()
         return self.scrub(text)[:1000]
+
+
+def _record_response(record: Attempt, resp: requests.Response) -> None:
+    """The request's headers as sent (the prepared request's) and the answer's status and headers."""
+    sent = resp.request.headers if resp.request is not None else None
+    record.response(sent, resp.status_code, resp.headers)
 
 
 def _out_of_time() -> AttemptResult:

@@ -4,7 +4,8 @@
 anything else runs (auth, body limits), hands it every error it renders (:meth:`ChatRequest.failed`)
 and every answer (:meth:`ChatRequest.finish`). The row is built in one place (``_row``) and written
 once by ``finish``; a stream's row is then updated once more when the stream ends. Breaker permits are
-resolved by the retry loop, except a stream's, which its end resolves in one ``finally``.
+resolved by the retry loop, except a stream's, which its end resolves in one ``finally``. A debug
+capture (``debug.py``), when one is taken, is stored by ``finish`` too, or by the stream's end.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..secrets import scrub_bytes
 from ..timefmt import utc_timestamp
 from . import body as chat_body
 from . import cost as costs
+from . import debug
 from .attempt import Caller
 from .breaker import Permit
 from .edges import EDGES
@@ -54,7 +56,8 @@ def plan(state: AppState, body: dict[str, Any], policy_header: str | None,
     policy = match_policy(config.policies.rules, policy_header, body["messages"])
     candidates = select_candidates(
         body["model"], policy, providers, config.policies.default_strategy,
-        is_available=state.is_available, median_latency=state.perf.median_latency, rotation=rotation,
+        is_available=state.is_available, recent=state.perf.recent, rotation=rotation,
+        explore=state.explore_draw(), explore_share=config.policies.explore_share,
     )
     return policy, candidates, eligible(body["model"], policy, providers)
 
@@ -83,6 +86,7 @@ class ChatRequest:
         self.error: ArbstrError | None = None
         self.field: list[Provider] = []  # every provider that could have served it (savings)
         self._holds_slot = False  # a max_concurrent slot, released when the request (or its stream) ends
+        self.capture: debug.Capture | None = None  # [debug]: what was sent and got; None when not captured
 
     # ---- the request --------------------------------------------------------------------------------
 
@@ -98,7 +102,11 @@ class ChatRequest:
             if state.bucket is not None and (wait := state.bucket.take()) > 0:
                 raise ArbstrError(429, "arbstr's rate limit was exceeded; slow down", type="rate_limit_error",
                                   code="rate_limit_exceeded", headers={"Retry-After": str(min(60, math.ceil(wait)))})
-            body, forward, self.meta = self.edge.parse(request.get_data(cache=False))
+            raw = request.get_data(cache=False)
+            if debug.wanted(state.config, request.headers):
+                self.capture = debug.Capture(state.config.debug.max_bytes,
+                                             request.full_path if request.query_string else request.path, raw)
+            body, forward, self.meta = self.edge.parse(raw)
             self.model = body["model"]
             routed = resolve_alias(state.config.aliases, self.model)
             if routed != self.model:
@@ -126,7 +134,7 @@ class ChatRequest:
             self.state.upstream, body, parsed, self.id,
             connect_timeout=config.server.connect_timeout_secs, read_timeout=read_timeout,
             idle_timeout=idle_timeout, max_response_bytes=MAX_RESPONSE_BYTES,
-            max_retry_after=config.retry.max_retry_after_secs, scrub=self.state.scrub,
+            max_retry_after=config.retry.max_retry_after_secs, scrub=self.state.scrub, capture=self.capture,
         )
 
     def _complete(self, raw: bytes, request_body: dict[str, Any], candidates: list[Provider]) -> Response:
@@ -186,19 +194,22 @@ class ChatRequest:
         self.outcome = {"status": "streaming", "http_status": 200, "latency_ms": None}
         headers = self._answer_headers()
         headers.update({"x-arbstr-streaming": "true", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        capture, self.capture = self.capture, None  # stored by the stream's end, with the stream's bytes
         ctx = StreamContext(
             request_id=self.id, provider=provider.name, started=self.started,
             client_wants_usage=wants_usage or self.edge.wants_usage,
             choices=chat_body.choices(body), cost=lambda usage: costs.charge(provider, usage, self.field).cost_sats,
-            on_end=lambda summary: self._stream_ended(provider, permit, summary), scrub=state.scrub,
+            on_end=lambda summary: self._stream_ended(provider, permit, summary, capture), scrub=state.scrub,
             client_gone=(lambda: _peer_closed(client)) if client is not None else (lambda: False),
+            tap=capture.last.feed if capture is not None else None,
         )
         events = self.edge.stream(relay(ctx, outcome.result.payload), self.model or "", self.meta)
         return Response(events, 200, headers, mimetype="text/event-stream",
                         direct_passthrough=True)
 
-    def _stream_ended(self, provider: Provider, permit: Permit, summary: StreamSummary) -> None:
-        """The relay's last word: the row's update, the stream's breaker outcome (SPEC §5.3), the slot."""
+    def _stream_ended(self, provider: Provider, permit: Permit, summary: StreamSummary,
+                      capture: debug.Capture | None) -> None:
+        """The relay's last word: the row's update and capture, the stream's breaker outcome (SPEC §5.3), the slot."""
         state = self.state
         ok = summary.status == COMPLETE
         try:
@@ -209,6 +220,8 @@ class ChatRequest:
             if ok:
                 state.perf.add(provider.name, latency_ms=summary.duration_ms or 0, ttft_ms=summary.ttft_ms,
                                tokens_per_sec=speed)
+            if capture is not None:  # queued before the row's update: a settled row means its capture is stored
+                self._store(capture)
             state.logstore.update(self.id, loggable({
                 "status": summary.status, "success": ok, **charged.row(), "latency_ms": summary.duration_ms,
                 "ttft_ms": summary.ttft_ms, "stream_duration_ms": summary.duration_ms,
@@ -284,7 +297,19 @@ class ChatRequest:
         """Last look at any answer on this route: it carries the ids, and its row is written."""
         for name, value in self.headers.items():
             response.headers.setdefault(name, value)
+        if self.capture is not None:  # queued before the row: once the row can be read, so can the capture
+            self._store(self.capture)
         self.state.logstore.insert(loggable(self._row(response.status_code), self.state.scrub))
+
+    def _store(self, capture: debug.Capture) -> None:
+        """Queue the capture. It is built from whatever the client and providers sent: should that ever
+        fail, the request keeps its answer and its row."""
+        try:
+            row = capture.row(self.id, self.timestamp, self.state.scrub)
+        except Exception:
+            log.exception("request_id=%s debug capture not stored", self.id)
+            return
+        self.state.logstore.capture(row)
 
     def _row(self, http_status: int) -> dict[str, Any]:
         error = self.error

@@ -66,10 +66,6 @@ class PerfWindow:
             last_at=kept[-1].at,
         )
 
-    def median_latency(self, provider: str) -> float | None:
-        recent = self.recent(provider)
-        return recent.latency_ms if recent else None
-
 
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None

@@ -62,6 +62,7 @@ class StreamContext:
     scrub: Callable[[str], str]
     client_gone: Callable[[], bool] = lambda: False
     choices: int = 1  # the request's ``n``
+    tap: Callable[[bytes], None] | None = None  # debug capture: the upstream's bytes as received
 
 
 def _ms(ctx: StreamContext) -> int:
@@ -97,6 +98,9 @@ def _events(ctx: StreamContext, opened: OpenStream, summary: StreamSummary) -> I
     """Relay events until [DONE]; on a break, leave ``summary.status`` INTERRUPTED with a reason."""
     pending = opened.first
     chunks = opened.chunks
+    tap = ctx.tap
+    if tap is not None:  # what the attempt read: the events it held and the start of the next one
+        tap(b"".join(pending) + opened.splitter.pending())
     replaced = False  # the last event was dropped or rewritten
     try:
         while True:
@@ -125,6 +129,8 @@ def _events(ctx: StreamContext, opened: OpenStream, summary: StreamSummary) -> I
                     return
                 summary.error = "the provider ended the stream without [DONE]"
                 return
+            if tap is not None:
+                tap(chunk)
             pending = opened.splitter.feed(chunk)
     except UpstreamError as e:
         summary.error = "provider went silent" if e.timeout else f"connection to the provider broke ({e})"

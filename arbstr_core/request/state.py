@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import itertools
+import random
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -28,6 +30,7 @@ class AppState:
     market: Market
     perf: PerfWindow = field(default_factory=PerfWindow)
     rotation: itertools.count = field(default_factory=itertools.count)
+    explore_draw: Callable[[], float] = random.random  # the speed strategies' exploration draw, in [0, 1)
     bucket: TokenBucket | None = None
     slots: threading.BoundedSemaphore | None = None
     _executor: ThreadPoolExecutor | None = None
@@ -69,6 +72,8 @@ def build_state(config: Config, upstream: Upstream) -> AppState:
             queue_size=config.database.queue_size,
             retention_days=config.database.retention_days,
             enabled=config.logging.log_requests,
+            # Captures go after [debug] retention_days even with capture off now: it may have been on before.
+            capture_retention_days=config.debug.retention_days,
         ),
         scrub=Scrubber(secrets),
         perf=PerfWindow(config.policies.window_minutes),
