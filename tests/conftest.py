@@ -38,7 +38,8 @@ import requests
 from fakes import FakeUpstream
 
 if TYPE_CHECKING:
-    import openai  # imported lazily: it costs ~1 s, and most test files never touch a server
+    import anthropic  # imported lazily: each costs ~1 s, and most test files never touch a server
+    import openai
 
 ROOT = Path(__file__).resolve().parent.parent
 GUNICORN_CONF = ROOT / "gunicorn.conf.py"
@@ -245,7 +246,7 @@ class ArbstrServer:
                      "--bind", f"127.0.0.1:{self.port}", *args]
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_file: Any = None
-        self._clients: list[openai.OpenAI] = []
+        self._clients: list[openai.OpenAI | anthropic.Anthropic] = []
         self._streams: list[requests.Response] = []  # closed by stop()
 
     @property
@@ -348,6 +349,17 @@ class ArbstrServer:
         kw.setdefault("max_retries", 0)
         kw.setdefault("timeout", 30.0)
         client = openai.OpenAI(base_url=self.base_url + "/v1", api_key=api_key, **kw)
+        self._clients.append(client)
+        return client
+
+    def anthropic_client(self, api_key: str = "unused", **kw: Any) -> anthropic.Anthropic:
+        """The anthropic SDK pointed at arbstr (it adds ``/v1/messages``); like :meth:`openai_client`,
+        closed by :meth:`stop` so its keep-alive connection does not hold the worker's shutdown."""
+        import anthropic
+
+        kw.setdefault("max_retries", 0)
+        kw.setdefault("timeout", 30.0)
+        client = anthropic.Anthropic(base_url=self.base_url, api_key=api_key, **kw)
         self._clients.append(client)
         return client
 

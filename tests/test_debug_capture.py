@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import anthropic
 import pytest
 from conftest import provider
 from fakes import SSE, Exchange, Reply, error, stream_chunks
@@ -166,7 +165,7 @@ def test_a_stream_is_captured_as_the_bytes_the_provider_sent(start) -> None:
 
 def test_messages_captures_the_anthropic_request_and_the_chat_request_sent(start) -> None:
     server, alpha, _db = start(enabled=True)
-    client = anthropic.Anthropic(base_url=server.base_url, api_key=TOKEN, max_retries=0, timeout=30)
+    client = server.anthropic_client(api_key=TOKEN)
     raw = client.messages.with_raw_response.create(model="gpt-4o", max_tokens=64, system="be brief", messages=MSG)
     capture = capture_of(server, raw.headers["request-id"])["capture"]
     assert capture["request"] == {"path": "/v1/messages", "body": {

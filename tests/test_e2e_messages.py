@@ -20,8 +20,7 @@ CLAUDE_CODE_BODY = Path(__file__).parent / "data" / "anthropic" / "claude_code_r
 
 
 def client(server, **kw: Any) -> anthropic.Anthropic:
-    kw.setdefault("max_retries", 0)
-    return anthropic.Anthropic(base_url=server.base_url, api_key=kw.pop("api_key", "unused"), timeout=30, **kw)
+    return server.anthropic_client(**kw)
 
 
 def completion(message: dict[str, Any], finish: str, usage: dict[str, int] | None = None) -> dict[str, Any]:
