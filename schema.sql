@@ -160,7 +160,8 @@ CREATE TABLE IF NOT EXISTS requests_latency_hourly (
     PRIMARY KEY (hour, band, model, provider, policy, api)
 ) WITHOUT ROWID;
 -- The same for successful first-token times (ttft_ms, streams) and speeds (output_tokens_per_sec, in
--- tokens a second on the same bands), read by the percentiles of log/db.py METRICS.
+-- tokens a second), read by the percentiles of log/db.py METRICS, on wider bands: one an octave, the
+-- latency_bands that start one (lo is a power of two, or the band below 1).
 CREATE TABLE IF NOT EXISTS requests_ttft_hourly (
     hour     TEXT    NOT NULL,
     model    TEXT    NOT NULL COLLATE NOCASE,
@@ -221,11 +222,11 @@ WHEN OLD.id <= (SELECT upto FROM rollup_state) BEGIN
     DELETE FROM requests_latency_hourly WHERE n = 0 AND hour = substr(OLD.timestamp, 1, 13);
     INSERT INTO requests_ttft_hourly SELECT substr(OLD.timestamp, 1, 13), COALESCE(OLD.model, ''),
         COALESCE(OLD.provider, ''), COALESCE(OLD.policy, ''), COALESCE(OLD.api, 'chat'),
-        (SELECT MAX(lo) FROM latency_bands WHERE lo <= OLD.ttft_ms), -1
+        (SELECT MAX(lo) FROM latency_bands WHERE lo <= OLD.ttft_ms AND (lo < 1 OR (lo & (lo - 1)) = 0)), -1
         WHERE OLD.success = 1 AND OLD.ttft_ms IS NOT NULL ON CONFLICT DO UPDATE SET n = n + excluded.n;
     INSERT INTO requests_speed_hourly SELECT substr(OLD.timestamp, 1, 13), COALESCE(OLD.model, ''),
         COALESCE(OLD.provider, ''), COALESCE(OLD.policy, ''), COALESCE(OLD.api, 'chat'),
-        (SELECT MAX(lo) FROM latency_bands WHERE lo <= OLD.output_tokens_per_sec), -1
+        (SELECT MAX(lo) FROM latency_bands WHERE lo <= OLD.output_tokens_per_sec AND (lo < 1 OR (lo & (lo - 1)) = 0)), -1
         WHERE OLD.success = 1 AND OLD.output_tokens_per_sec IS NOT NULL ON CONFLICT DO UPDATE SET n = n + excluded.n;
     DELETE FROM requests_ttft_hourly WHERE n = 0 AND hour = substr(OLD.timestamp, 1, 13);
     DELETE FROM requests_speed_hourly WHERE n = 0 AND hour = substr(OLD.timestamp, 1, 13);
@@ -304,19 +305,19 @@ ON requests WHEN OLD.id <= (SELECT upto FROM rollup_state) BEGIN
     DELETE FROM requests_latency_hourly WHERE n = 0 AND hour = substr(OLD.timestamp, 1, 13);
     INSERT INTO requests_ttft_hourly SELECT substr(OLD.timestamp, 1, 13), COALESCE(OLD.model, ''),
         COALESCE(OLD.provider, ''), COALESCE(OLD.policy, ''), COALESCE(OLD.api, 'chat'),
-        (SELECT MAX(lo) FROM latency_bands WHERE lo <= OLD.ttft_ms), -1
+        (SELECT MAX(lo) FROM latency_bands WHERE lo <= OLD.ttft_ms AND (lo < 1 OR (lo & (lo - 1)) = 0)), -1
         WHERE OLD.success = 1 AND OLD.ttft_ms IS NOT NULL ON CONFLICT DO UPDATE SET n = n + excluded.n;
     INSERT INTO requests_speed_hourly SELECT substr(OLD.timestamp, 1, 13), COALESCE(OLD.model, ''),
         COALESCE(OLD.provider, ''), COALESCE(OLD.policy, ''), COALESCE(OLD.api, 'chat'),
-        (SELECT MAX(lo) FROM latency_bands WHERE lo <= OLD.output_tokens_per_sec), -1
+        (SELECT MAX(lo) FROM latency_bands WHERE lo <= OLD.output_tokens_per_sec AND (lo < 1 OR (lo & (lo - 1)) = 0)), -1
         WHERE OLD.success = 1 AND OLD.output_tokens_per_sec IS NOT NULL ON CONFLICT DO UPDATE SET n = n + excluded.n;
     INSERT INTO requests_ttft_hourly SELECT substr(NEW.timestamp, 1, 13), COALESCE(NEW.model, ''),
         COALESCE(NEW.provider, ''), COALESCE(NEW.policy, ''), COALESCE(NEW.api, 'chat'),
-        (SELECT MAX(lo) FROM latency_bands WHERE lo <= NEW.ttft_ms), 1
+        (SELECT MAX(lo) FROM latency_bands WHERE lo <= NEW.ttft_ms AND (lo < 1 OR (lo & (lo - 1)) = 0)), 1
         WHERE NEW.success = 1 AND NEW.ttft_ms IS NOT NULL ON CONFLICT DO UPDATE SET n = n + excluded.n;
     INSERT INTO requests_speed_hourly SELECT substr(NEW.timestamp, 1, 13), COALESCE(NEW.model, ''),
         COALESCE(NEW.provider, ''), COALESCE(NEW.policy, ''), COALESCE(NEW.api, 'chat'),
-        (SELECT MAX(lo) FROM latency_bands WHERE lo <= NEW.output_tokens_per_sec), 1
+        (SELECT MAX(lo) FROM latency_bands WHERE lo <= NEW.output_tokens_per_sec AND (lo < 1 OR (lo & (lo - 1)) = 0)), 1
         WHERE NEW.success = 1 AND NEW.output_tokens_per_sec IS NOT NULL ON CONFLICT DO UPDATE SET n = n + excluded.n;
     DELETE FROM requests_ttft_hourly WHERE n = 0 AND hour = substr(OLD.timestamp, 1, 13);
     DELETE FROM requests_speed_hourly WHERE n = 0 AND hour = substr(OLD.timestamp, 1, 13);
