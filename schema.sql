@@ -183,6 +183,15 @@ CREATE TABLE IF NOT EXISTS requests_speed_hourly (
     PRIMARY KEY (hour, band, model, provider, policy, api)
 ) WITHOUT ROWID;
 
+-- Per provider and per policy (groups read a name at a time, and filters: reads/queries.py FEW_NAMES):
+-- one name's band counts over a range, in hour and band order, without reading the other names' rows.
+CREATE INDEX IF NOT EXISTS idx_latency_hourly_provider ON requests_latency_hourly (provider, hour, band, n);
+CREATE INDEX IF NOT EXISTS idx_ttft_hourly_provider ON requests_ttft_hourly (provider, hour, band, n);
+CREATE INDEX IF NOT EXISTS idx_speed_hourly_provider ON requests_speed_hourly (provider, hour, band, n);
+CREATE INDEX IF NOT EXISTS idx_latency_hourly_policy ON requests_latency_hourly (policy, hour, band, n);
+CREATE INDEX IF NOT EXISTS idx_ttft_hourly_policy ON requests_ttft_hourly (policy, hour, band, n);
+CREATE INDEX IF NOT EXISTS idx_speed_hourly_policy ON requests_speed_hourly (policy, hour, band, n);
+
 -- A row's key and sums (log/db.py SUMS) leave the hourly totals when it is deleted, and move when it is
 -- updated; each VALUES list holds them in requests_hourly's column order.
 CREATE TRIGGER IF NOT EXISTS requests_hourly_delete AFTER DELETE ON requests
