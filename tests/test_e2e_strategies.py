@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlite3
 
 from conftest import provider
-from fakes import sse
+from fakes import error, sse
 
 from arbstr_core.config import load
 
@@ -51,3 +51,27 @@ def test_fastest_first_token_streams_go_to_the_faster_provider(fake_upstream, ma
         fast_ttfts = [t for (t,) in db.execute("SELECT ttft_ms FROM requests WHERE provider = 'fast'")]
     assert list(rows) == [served[0][1]] and rows[served[0][1]] >= SLOW_FIRST_TOKEN * 1000
     assert len(fast_ttfts) == 5 and max(fast_ttfts) < rows[served[0][1]]
+
+
+def test_a_provider_answering_after_a_retry_is_measured_from_its_own_attempt(
+        fake_upstream, make_config, gunicorn_server) -> None:
+    """The row times the request from its receipt (SPEC §6.2), backoff included; the measurement routing
+    uses (shown in /providers ``recent``) starts at the attempt that answered, so a retry or a failover
+    elsewhere does not make the answering provider look slow."""
+    up = fake_upstream()
+    up.script(error(503))  # the first attempt fails; the retry, about a second later, streams at once
+    up.default = sse()
+    config = make_config([provider(up, "p")], retry={"backoff_base_ms": 1000, "max_retries": 1},
+                         policies={"default_strategy": "fastest_first_token", "explore_share": 0})
+    server = gunicorn_server(config)
+    assert server.get("/providers").json()["providers"][0]["recent"] is None  # nothing measured yet
+    raw = server.openai_client().chat.completions.with_raw_response.create(model="gpt-4o", messages=MSG,
+                                                                          stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+    assert raw.headers["x-arbstr-retries"] == "1/p" and len(up.requests) == 2
+    row = server.settled_row(raw.headers["x-arbstr-request-id"])
+    assert row["timing"]["ttft_ms"] >= 700  # the backoff: 1 s ± 25 %
+    recent = server.get("/providers").json()["providers"][0]["recent"]
+    assert recent["samples"] == 1
+    assert recent["ttft_ms"] < row["timing"]["ttft_ms"] - 500
+    assert recent["latency_ms"] < row["timing"]["latency_ms"] - 500

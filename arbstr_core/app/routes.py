@@ -9,6 +9,7 @@ from flask import Flask, Response, g, jsonify, request
 
 from ..errors import bad_request
 from ..request import cost as costs
+from ..request import perf
 from ..request.body import parse_body
 from ..request.chat import plan
 from ..request.edges import MessagesEdge
@@ -69,7 +70,8 @@ def register(app: Flask, state: AppState) -> None:
     def providers() -> Response:
         circuits = state.breakers.snapshot()
         return jsonify({"providers": [
-            provider_info(p, circuits[p.name]) | state.market.snapshot(p.name) for p in config.providers]})
+            provider_info(p, circuits[p.name]) | state.market.snapshot(p.name)
+            | {"recent": perf.snapshot(state.perf.recent(p.name))} for p in config.providers]})
 
     @app.get("/health")
     def health() -> tuple[Response, int]:

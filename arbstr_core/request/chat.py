@@ -165,8 +165,10 @@ class ChatRequest:
         self._note_balance(provider, parsed.get("usage"))
         cost = charged.cost_sats
         latency = self.elapsed_ms()
-        speed = tokens_per_sec(charged.usage and charged.usage.output, latency, None, False)
-        state.perf.add(provider, latency_ms=latency, ttft_ms=None, tokens_per_sec=speed)
+        output = charged.usage and charged.usage.output
+        speed = tokens_per_sec(output, latency, None, False)
+        own = latency - self._before_ms(outcome.started)  # the answering attempt's own time
+        state.perf.add(provider, latency_ms=own, ttft_ms=None, tokens_per_sec=tokens_per_sec(output, own, None, False))
         self.outcome = {"status": "ok", "success": True, **charged.row(), "latency_ms": latency,
                         "output_tokens_per_sec": speed}
         headers = self._answer_headers()
@@ -191,6 +193,7 @@ class ChatRequest:
         assert outcome.provider is not None and outcome.result is not None and outcome.permit is not None
         provider, permit = outcome.provider, outcome.permit
         self.provider = provider.name
+        before_ms = self._before_ms(outcome.started)
         self.outcome = {"status": "streaming", "http_status": 200, "latency_ms": None}
         headers = self._answer_headers()
         headers.update({"x-arbstr-streaming": "true", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -199,7 +202,8 @@ class ChatRequest:
             request_id=self.id, provider=provider.name, started=self.started,
             client_wants_usage=wants_usage or self.edge.wants_usage,
             choices=chat_body.choices(body), cost=lambda usage: costs.charge(provider, usage, self.field).cost_sats,
-            on_end=lambda summary: self._stream_ended(provider, permit, summary, capture), scrub=state.scrub,
+            on_end=lambda summary: self._stream_ended(provider, permit, summary, capture, before_ms),
+            scrub=state.scrub,
             client_gone=(lambda: _peer_closed(client)) if client is not None else (lambda: False),
             tap=capture.last.feed if capture is not None else None,
         )
@@ -208,7 +212,7 @@ class ChatRequest:
                         direct_passthrough=True)
 
     def _stream_ended(self, provider: Provider, permit: Permit, summary: StreamSummary,
-                      capture: debug.Capture | None) -> None:
+                      capture: debug.Capture | None, before_ms: float) -> None:
         """The relay's last word: the row's update and capture, the stream's breaker outcome (SPEC §5.3), the slot."""
         state = self.state
         ok = summary.status == COMPLETE
@@ -217,8 +221,9 @@ class ChatRequest:
             self._note_balance(provider.name, summary.usage)
             cost = charged.cost_sats
             speed = tokens_per_sec(charged.usage and charged.usage.output, summary.duration_ms, summary.ttft_ms, True)
-            if ok:
-                state.perf.add(provider.name, latency_ms=summary.duration_ms or 0, ttft_ms=summary.ttft_ms,
+            if ok:  # timed from the answering attempt's start, as the provider's own figures
+                state.perf.add(provider.name, latency_ms=(summary.duration_ms or 0) - before_ms,
+                               ttft_ms=None if summary.ttft_ms is None else summary.ttft_ms - before_ms,
                                tokens_per_sec=speed)
             if capture is not None:  # queued before the row's update: a settled row means its capture is stored
                 self._store(capture)
@@ -338,6 +343,12 @@ class ChatRequest:
         }
         row.update(self.outcome)
         return row
+
+    def _before_ms(self, attempt_started: float | None) -> float:
+        """How long the request waited before the attempt that answered began (parsing, routing, failed
+        attempts, backoff): the provider measurements (``state.perf``) leave it out, or a provider reached
+        after another failed would look slow for it. The row's timings keep it (SPEC §6.2)."""
+        return 0.0 if attempt_started is None else max((attempt_started - self.started) * 1000, 0.0)
 
     def elapsed_ms(self) -> int:
         return int((time.perf_counter() - self.started) * 1000)

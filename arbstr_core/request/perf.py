@@ -10,6 +10,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 MAX_SAMPLES = 1000  # per provider: the window's memory bound, whatever the traffic
 
@@ -65,6 +66,14 @@ class PerfWindow:
             tokens_per_sec=_median([s.tokens_per_sec for s in kept if s.tokens_per_sec is not None]),
             last_at=kept[-1].at,
         )
+
+
+def snapshot(recent: Recent | None) -> dict[str, Any] | None:
+    """What /providers shows of a provider's window: its sample count and medians, or null."""
+    if recent is None:
+        return None
+    return {"samples": recent.samples, "latency_ms": recent.latency_ms, "ttft_ms": recent.ttft_ms,
+            "output_tokens_per_sec": recent.tokens_per_sec}
 
 
 def _median(values: list[float]) -> float | None:

@@ -81,6 +81,7 @@ class Outcome:
     permit: Permit | None = None
     result: AttemptResult | None = None
     error: ArbstrError | None = None
+    started: float | None = None  # time.perf_counter() when the successful attempt began
 
 
 class Abandoned(Exception):
@@ -139,6 +140,7 @@ def run_chain(
             if permit is None:
                 break  # circuit opened (or its probe is taken) since the candidates were chosen
             attempts.start(provider.name)
+            started = time.perf_counter()
             result: AttemptResult | None = None
             used = handed_over = False
             try:
@@ -153,7 +155,8 @@ def run_chain(
                     _resolve(breakers, permit, result, used)
             reached_any = True
             if result.verdict is OK:
-                return Outcome(attempts, provider=provider, permit=permit if hold else None, result=result)
+                return Outcome(attempts, provider=provider, permit=permit if hold else None, result=result,
+                               started=started)
             attempts.add(provider.name)
             last = (provider, result)
             if result.verdict.kind == "rate_limited":
