@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import json
 import math
 import os
 import re
@@ -128,6 +129,19 @@ def toml_dumps(data: Mapping[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------------------
 # Config files
+
+
+def settled_rows(server: Any, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """The first page of ``server``'s request log (an arbstr under test: anything with ``get``) once ``n``
+    rows are there and none is still ``streaming``. The log writer is asynchronous (it batches for up to
+    50 ms, and a stream's row is updated when it ends): nothing signals the write, so this polls, bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = server.get("/v1/requests", params={"per_page": 100}).json()["data"]
+        if len(rows) >= n and all(r["status"] != "streaming" for r in rows):
+            return rows
+        assert time.monotonic() < deadline, f"want {n} finished rows, got {json.dumps(rows)}"
+        time.sleep(0.05)
 
 
 def provider(

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import provider
+from conftest import provider, settled_rows
 from fakes import CREATED, Exchange, Request, sse, stream_chunks
 from routstr_lab import in_namespace
 
@@ -293,18 +293,6 @@ def claude(claude_bin: Path, netns: str, tmp_path: Path, fake_upstream, make_con
     relay.close()
 
 
-def rows(server, expected: int) -> list[dict[str, Any]]:
-    """Every /v1/requests row once `expected` rows exist and none is still streaming: the log writer is
-    asynchronous, so a request Claude Code has finished may not have its row yet."""
-    deadline = time.monotonic() + 10
-    while True:
-        data = server.get("/v1/requests?per_page=100").json()["data"]
-        if len(data) >= expected and all(r["status"] != "streaming" for r in data):
-            return data
-        assert time.monotonic() < deadline, data
-        time.sleep(0.05)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Tests
 
@@ -320,7 +308,7 @@ def test_say_pong(claude) -> None:
     assert main, claude.evidence(run.stdout, run.stderr)
     sent = main[0].json
     assert sent["model"] == MODEL and sent["max_tokens"] <= 4096 and sent["stream"] is True
-    logged = rows(claude.server, len(claude.up.requests))
+    logged = settled_rows(claude.server, len(claude.up.requests))
     assert logged and all(r["success"] for r in logged), logged
     assert any(r["model"].startswith("claude-") and r["provider"] == "p" and r["streaming"] for r in logged), logged
 
@@ -357,5 +345,5 @@ def test_one_tool_then_the_second_turn(claude) -> None:
     (tool_msg,) = [m for m in messages if m["role"] == "tool"]
     assert tool_msg["tool_call_id"] == call["tool_calls"][0]["id"]
     assert SECRET_WORD in json.dumps(tool_msg["content"]), tool_msg  # the file's content, read by Claude Code
-    logged = rows(claude.server, len(claude.up.requests))
+    logged = settled_rows(claude.server, len(claude.up.requests))
     assert len([r for r in logged if r["success"]]) >= 2 and all(r["success"] for r in logged), logged

@@ -573,8 +573,8 @@ V2_FOLD = (
      "COUNT(cost_sats), TOTAL(IIF(cost_sats IS NULL, 0, input_tokens)), TOTAL(IIF(cost_sats IS NULL, 0, output_tokens)), "
      "TOTAL(IIF(success = 1, latency_ms, 0)), COUNT(IIF(success = 1, latency_ms, NULL)), "
      "TOTAL(IIF(success = 1, ttft_ms, 0)), COUNT(IIF(success = 1, ttft_ms, NULL)) FROM requests GROUP BY 1, 2, 3, 4"),
-    (f"INSERT INTO requests_latency_hourly SELECT {V2_KEY}, {logdb.BAND_OF_LATENCY}, COUNT(*) "
-     f"FROM requests WHERE {logdb.TIMED_OK} GROUP BY 1, 2, 3, 4, 5"),
+    (f"INSERT INTO requests_latency_hourly SELECT {V2_KEY}, {logdb.LATENCY.band_of_row}, COUNT(*) "
+     f"FROM requests WHERE {logdb.LATENCY.ok} GROUP BY 1, 2, 3, 4, 5"),
     "UPDATE rollup_state SET upto = (SELECT MAX(id) FROM requests)",
 )
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import openai
 import pytest
-from conftest import write_config
+from conftest import settled_rows, write_config
 
 if TYPE_CHECKING:  # imported for real by pytest_plugins, which lets pytest rewrite its asserts
     from routstr_lab import ArbstrInNamespace, RoutstrLab, SecretStr
@@ -92,18 +92,6 @@ def start(lab: RoutstrLab, config: Path, keys: Mapping[str, str] | None = None) 
     by default the lab's token for PROVIDER."""
     keys = keys if keys is not None else {PROVIDER: lab.token}
     return lab.start_arbstr(config, env={key_env(name): key for name, key in keys.items()})
-
-
-def wait_rows(server: ArbstrInNamespace, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
-    """The request log's rows once ``n`` are there and none is still ``streaming`` (the writer batches
-    for up to 50 ms, and a stream's row is updated when it ends)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = server.get("/v1/requests", params={"per_page": 100}).json()["data"]
-        if len(rows) >= n and all(r["status"] != "streaming" for r in rows):
-            return rows
-        assert time.monotonic() < deadline, f"want {n} finished rows, got {json.dumps(rows)}"
-        time.sleep(0.05)
 
 
 def wait_until(what: str, probe: Callable[[], Any], timeout: float = 10.0, interval: float = 0.1) -> Any:
@@ -271,7 +259,7 @@ def test_money_truth_logged_costs_equal_the_node_charges_to_the_msat(routstr_lab
     after = lab.wait_settled(lab.token, before["total_requests"] + len(kinds))  # once each, no more
     charged = after["total_spent"] - before["total_spent"]
     assert after["balance"] == before["balance"] - charged
-    rows = wait_rows(server, len(kinds))
+    rows = settled_rows(server, len(kinds))
     assert len(rows) == len(kinds)
     by_id = check_costs(answers, rows)
     logged = sum(r["cost_sats"] for r in rows)
@@ -317,7 +305,7 @@ def test_token_never_in_arbstr_log_answers_or_database(routstr_lab: RoutstrLab, 
         "model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}))
     assert answers["completion"].startswith("200") and answers["stream"].startswith("200")
     assert not answers["upstream 400"].startswith("200") and not answers["upstream 500"].startswith("200")
-    wait_rows(server, 4)
+    settled_rows(server, 4)
     for path in ("/providers", "/health", "/v1/models", "/v1/requests", "/v1/stats"):
         answers[path] = record(server.get(path))
     answers["/v1/cost"] = record(server.post("/v1/cost", json={"model": model, "messages": HELLO}))
@@ -345,7 +333,7 @@ def test_an_abandoned_request_is_charged_by_the_node_and_logged_as_unknown(
     assert answer.headers.get("x-should-retry") == "false"
     after = lab.wait_settled(lab.token, before["total_requests"] + 1)
     charged = after["total_spent"] - before["total_spent"]
-    rows = wait_rows(server, 1)
+    rows = settled_rows(server, 1)
     print(f"\n[money] abandoned: node charged {charged} msats, arbstr logged cost_sats={rows[0]['cost_sats']} "
           f"({rows[0]['status']}, {rows[0]['http_status']}): {rows[0]['error']}")
     assert charged > 0  # the node did charge
@@ -408,7 +396,7 @@ def test_rejected_keys_are_dropped_after_one_refusal_and_never_leak(
     assert flags == {"spent": True, "garbled": True, "unknown": True, "funded": False}
 
     after = lab.wait_settled(lab.token, before["total_requests"] + len(kinds))
-    rows = wait_rows(server, len(kinds))
+    rows = settled_rows(server, len(kinds))
     by_id = check_costs(answers, rows)
     assert [by_id[a.request_id]["retries"] for a in answers][1:] == [None] * 3, rows
     assert all(n in (by_id[answers[0].request_id]["retries"] or "") for n in complaints), rows
@@ -478,7 +466,7 @@ def test_a_balance_below_the_minimum_is_skipped_and_health_shows_no_amounts(
     answers = [send(server, model, kind) for kind in ("completion", "stream+usage")]
     assert [(a.provider, a.retries) for a in answers] == [("fresh", None)] * 2  # funded skipped, not tried
     fresh_after = lab.wait_settled(tokens["fresh"], fresh_before["total_requests"] + 2)
-    rows = wait_rows(server, 2)
+    rows = settled_rows(server, 2)
     check_costs(answers, rows)
     charged = fresh_after["total_spent"] - fresh_before["total_spent"]
     logged = sum(r["cost_sats"] for r in rows)
@@ -533,7 +521,7 @@ def test_402_falls_back_and_alone_says_the_balance_ran_out(
         assert e.response.headers.get("x-arbstr-provider") == "tiny"
     state = alone.get("/health").json()
     assert state["providers"]["tiny"]["key_rejected"] is None and state["providers"]["tiny"]["state"] == "closed"
-    rows = wait_rows(alone, 2)
+    rows = settled_rows(alone, 2)
     assert [(r["success"], r["http_status"], r["provider"], r["cost_sats"]) for r in rows] == [
         (False, 502, "tiny", None)] * 2, rows
     tiny_after = lab.balance_info(tokens["tiny"])
@@ -584,7 +572,7 @@ def test_costs_and_discovered_prices_follow_the_node_when_its_price_changes(
         assert all(a.retries is None for a in answers["static"] + answers["live"])  # no stale connection
         after = lab.wait_settled(lab.token, before["total_requests"] + 4)
         charged = after["total_spent"] - before["total_spent"]
-        rows = {name: {r["request_id"]: r for r in wait_rows(server, rows_each)}
+        rows = {name: {r["request_id"]: r for r in settled_rows(server, rows_each)}
                 for name, server in (("static", static), ("live", live))}
         mine = {name: {a.request_id: rows[name][a.request_id] for a in answers[name]} for name in answers}
         for name, sent in answers.items():

@@ -8,14 +8,11 @@ arrives already scrubbed and cut to size (:mod:`arbstr_core.request.debug`); not
 from __future__ import annotations
 
 import json
-import logging
 import sqlite3
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..timefmt import utc_timestamp
-
-log = logging.getLogger("arbstr.logstore")
+from . import db as logdb
 
 COLUMNS = ("request_id", "timestamp", "capture", "bytes", "truncated")
 # OR REPLACE: a batch the writer retries after a database error may hold a capture it already wrote.
@@ -42,12 +39,4 @@ def get(conn: sqlite3.Connection, request_id: str) -> dict[str, Any] | None:
 
 def purge(conn: sqlite3.Connection, before: float, chunk: int) -> int:
     """Delete up to ``chunk`` captures older than the Unix time ``before``; return how many went."""
-    cutoff = utc_timestamp(before)
-    deleted = conn.execute(
-        "DELETE FROM debug_captures WHERE request_id IN "
-        "(SELECT request_id FROM debug_captures WHERE timestamp < ? LIMIT ?)",
-        (cutoff, chunk),
-    ).rowcount
-    if deleted:
-        log.info("request log: retention deleted %d debug capture(s) older than %s", deleted, cutoff)
-    return deleted
+    return logdb.purge(conn, before, chunk, "debug_captures", "request_id", "debug capture(s)")

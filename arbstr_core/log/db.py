@@ -89,7 +89,6 @@ WRITER_CACHE_KIB = 4096  # the writer's page cache: it fills as the database gro
 WAL_CHECKPOINT_PAGES = 10000  # about 40 MB of WAL between automatic checkpoints
 
 
-
 class Metric(NamedTuple):
     """A per-row measurement /v1/stats gives percentiles of, over the successful rows that have it.
 
@@ -137,7 +136,6 @@ TTFT = Metric("ttft", "ttft_ms", "requests_ttft_hourly", "idx_requests_ttft", "i
 SPEED = Metric("speed", "output_tokens_per_sec", "requests_speed_hourly", "idx_requests_speed",
                "idx_requests_hour_speed", (50,), octaves=True)
 METRICS = (LATENCY, TTFT, SPEED)
-TIMED_OK = LATENCY.ok  # the rows latency averages and percentiles count
 
 # What one bad row raises (a duplicate request_id, a NULL where none may be; ValueError: a str SQLite
 # cannot encode; OverflowError: an int past 64 bits): retrying cannot fix it, so the row is dropped and
@@ -369,14 +367,16 @@ def retire(conn: sqlite3.Connection, writer: str) -> None:
         roll_up(conn)
 
 
-def purge(conn: sqlite3.Connection, before: float, chunk: int) -> int:
-    """Delete up to ``chunk`` rows older than the Unix time ``before``; return how many went."""
+def purge(conn: sqlite3.Connection, before: float, chunk: int, table: str = "requests", key: str = "id",
+          what: str = "row(s)") -> int:
+    """Delete up to ``chunk`` rows of ``table`` (rows, or debug captures: log/captures.py) older than the
+    Unix time ``before``, by their ``timestamp``; return how many went."""
     cutoff = utc_timestamp(before)
     deleted = conn.execute(
-        "DELETE FROM requests WHERE id IN (SELECT id FROM requests WHERE timestamp < ? LIMIT ?)", (cutoff, chunk)
+        f"DELETE FROM {table} WHERE {key} IN (SELECT {key} FROM {table} WHERE timestamp < ? LIMIT ?)", (cutoff, chunk)
     ).rowcount
     if deleted:
-        log.info("request log: retention deleted %d row(s) older than %s", deleted, cutoff)
+        log.info("request log: retention deleted %d %s older than %s", deleted, what, cutoff)
     return deleted
 
 
@@ -430,7 +430,6 @@ SUMS = (
     Sum("ttft_n", "COUNT(IIF(success = 1, ttft_ms, NULL))", int),
 )
 ROW_SUMS = ", ".join(s.of_rows for s in SUMS)  # the sums over rows of requests, in SUMS order
-BAND_OF_LATENCY = LATENCY.band_of_row
 # The rows with id > ? folded into the hourly tables. NOT INDEXED: the new rows are the last few ids,
 # whatever an index on success might promise the planner.
 _ROLL_UP = (

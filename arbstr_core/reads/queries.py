@@ -44,10 +44,11 @@ SORT_SHARE = 100
 # A page sorted by cost merges the hours when at least 1/MERGE_SHARE of the table matches (the merge
 # may pass every known cost of the range, 0.1-0.2 µs each); fewer rows are sorted (a few µs each).
 MERGE_SHARE = 20
-# The latency band counts of a range are summed hour by hour in the order of requests_latency_hourly's
-# key (hour, band, model, ...), which SQLite does as it reads. Grouped by a later name (provider, policy,
-# api), it would sort every band row of the range first; one pass per name costs a fifth of that sort or
-# less, so up to FEW_NAMES names are read one by one.
+# The band counts of a range are summed hour by hour in the order of the band tables' key (hour, band,
+# model, ...), which SQLite does as it reads. Grouped by a later name (provider, policy, api), it would
+# sort every band row of the range first; one pass per name costs a fifth of that sort or less (a
+# provider's or a policy's pass reads only its own rows: schema.sql indexes them), so up to FEW_NAMES
+# names are read one by one.
 FEW_NAMES = 4
 _FIRST_NAME = "model"
 READER_MMAP_BYTES = 1 << 30  # readers map the file: no copy per page, and the OS cache is shared

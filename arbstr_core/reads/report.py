@@ -87,17 +87,18 @@ def format_stats(doc: dict[str, Any], range_: str | None = None) -> str:
     ]
     headers = [title, "REQUESTS", "ERRORS", "STREAMS", "COST_SATS", "REPORTED", "AT_RATES", "SAVED_SATS",
                "IN_TOKENS", "CACHED", "OUT_TOKENS", "REASONING"]
-    perf = [
-        [
-            name, _share(q["success_rate"]), _int(q["p50_latency_ms"]), _int(q["p95_latency_ms"]),
-            _int(q["p99_latency_ms"]), _int(q["p50_ttft_ms"]), _int(q["p95_ttft_ms"]),
-            _speed(q["p50_output_tokens_per_sec"]), _sats(q["cost_per_1m_output_tokens_sats"]),
-        ]
-        for name, q in ((name, g["performance"]) for name, g in items)
-    ]
+    perf = [_performance_row(name, g["performance"]) for name, g in items]
     perf_headers = [title, "OK", "P50_MS", "P95_MS", "P99_MS", "TTFT_P50", "TTFT_P95", "TOK/S_P50", "SATS/1M_OUT"]
     return (text + "\n" + table(headers, rows, numeric=range(1, len(headers)))
             + "\n" + table(perf_headers, perf, numeric=range(1, len(perf_headers))))
+
+
+def _performance_row(name: str, q: dict[str, Any]) -> list[str]:
+    return [
+        name, _share(q["success_rate"]), _int(q["p50_latency_ms"]), _int(q["p95_latency_ms"]),
+        _int(q["p99_latency_ms"]), _int(q["p50_ttft_ms"]), _int(q["p95_ttft_ms"]),
+        _speed(q["p50_output_tokens_per_sec"]), _sats(q["cost_per_1m_output_tokens_sats"]),
+    ]
 
 
 def format_requests(rows: Sequence[dict[str, Any]]) -> str:
